@@ -1,0 +1,5 @@
+import sys
+
+from sdxs.cli import main
+
+sys.exit(main())

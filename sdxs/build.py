@@ -1,0 +1,107 @@
+"""Build architectures with random weights, no download: for tests, benchmarks and `make-tiny`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from sdxs.registry import TINY, Architecture, get_spec
+
+
+def build_components(architecture: Architecture, *, seed: int = 0, empty: bool = False) -> dict:
+    """Instantiate every component of `architecture` with seeded random weights.
+
+    `empty=True` builds on the meta device (no memory, no init): enough to count parameters.
+    """
+    import diffusers
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    scheduler_class, scheduler_config = architecture.scheduler
+    with init_empty_weights() if empty else contextlib.nullcontext():
+        components = {
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**architecture.text_encoder)),
+            "unet": diffusers.UNet2DConditionModel(**architecture.unet),
+            "vae": diffusers.AutoencoderTiny(**architecture.vae),
+            "vae_large": diffusers.AutoencoderKL(**architecture.vae_large),
+        }
+        if architecture.controlnet is not None:
+            components["controlnet"] = diffusers.ControlNetModel(**architecture.controlnet)
+    components["scheduler"] = getattr(diffusers, scheduler_class).from_config(scheduler_config)
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return components
+
+
+def count_parameters(model_id: str) -> dict[str, int]:
+    """Parameter counts per component of a known model's exact architecture."""
+    spec = get_spec(model_id)
+    components = build_components(spec.architecture, empty=True)
+
+    def n(module):
+        return sum(p.numel() for p in module.parameters())
+
+    counts = {
+        "text_encoder": n(components["text_encoder"]),
+        "unet": n(components["unet"]),
+        "vae_decoder": n(components["vae"].decoder),
+        "vae_encoder": n(components["vae"].encoder),
+        "vae_large": n(components["vae_large"]),
+    }
+    if spec.kind == "controlnet":
+        counts["controlnet"] = n(components["controlnet"])
+    counts["one_step_total"] = counts["text_encoder"] + counts["unet"] + counts["vae_decoder"] + counts.get("controlnet", 0)
+    return counts
+
+
+def save_pipeline_folder(components: dict, tokenizer_dir: str | Path, dest: str | Path) -> Path:
+    """Save components in the folder layout of the released checkpoints: model_index.json,
+    scheduler/, text_encoder/, tokenizer/, unet/, vae/ (tiny), vae_large/, and controlnet/ when
+    there is one. model_index.json is what StableDiffusionPipeline.from_pretrained reads."""
+    import diffusers
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", type(components["scheduler"]).__name__],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", type(components["vae"]).__name__],
+    }
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for name in ["scheduler", "text_encoder", "unet", "vae", "vae_large", "controlnet"]:
+        if name in components:
+            components[name].save_pretrained(dest / name)
+    shutil.copytree(tokenizer_dir, dest / "tokenizer")
+    return dest
+
+
+def make_tiny(dest: str | Path, *, seed: int = 0, controlnet: bool = True) -> Path:
+    """Write a tiny random model (a few MB) in the exact layout of the released checkpoints,
+    with the real CLIP tokenizer. Same structure as SDXS-512-DreamShaper: no mid block, three
+    stages, one resnet per stage, DEIS scheduler, TAESD-shaped vae/ and an AutoencoderKL vae_large/."""
+    from sdxs.tokenizer import cached_clip_tokenizer_dir
+
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} exists and is not empty; choose a new folder.")
+    architecture = TINY if controlnet else Architecture(**{**TINY.__dict__, "controlnet": None})
+    components = build_components(architecture, seed=seed)
+    save_pipeline_folder(components, cached_clip_tokenizer_dir(), dest)
+    (dest / "README.md").write_text(
+        "# Tiny random SDXS-layout model\n\nRandom weights, for tests, demos and bug reports: "
+        "made by `python -m sdxs make-tiny`. It generates noise-like images.\n"
+    )
+    return dest

@@ -1,0 +1,208 @@
+"""The one-step engine: prompts in, images out, the SDXS way (one U-Net call at t=999, no guidance)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdxs.loading import Components, load_components, pick_device_and_dtype
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGES = 16
+MAX_SIDE = 2048
+TRAINED_SIZE = 512
+
+
+@dataclass
+class Generation:
+    """What one call returns: the images, the seed of each, warnings for the UI, stage timings."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    prompts: list[str]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: text_encoder, unet, decoder, total
+
+
+def check_one_step_settings(num_inference_steps: int = 1, guidance_scale: float = 0.0) -> None:
+    """SDXS checkpoints are one-step generators: refuse settings that silently give broken images."""
+    if num_inference_steps != 1:
+        raise ValueError(
+            f"SDXS runs in exactly one step, but num_inference_steps={num_inference_steps} was asked for. "
+            "More steps do not refine a one-step model: they give broken 'coloured glass' images "
+            "(upstream issue 10). Use 1 step."
+        )
+    if guidance_scale != 0:
+        raise ValueError(
+            f"SDXS was trained without classifier-free guidance, but guidance_scale={guidance_scale} was asked "
+            "for; guidance over-saturates and breaks its images. Use guidance_scale=0."
+        )
+
+
+def one_step_scheduler(scheduler_config: dict):
+    """A fresh scheduler set to the single timestep T-1 (999).
+
+    Built per call: diffusers schedulers carry state (step index, history), so sharing one between
+    concurrent requests would race. With "leading" spacing Euler/DDIM/DDPM would silently run at
+    t=0 or 1; we switch those to "trailing", which lands on 999.
+    """
+    import diffusers
+
+    config = dict(scheduler_config)
+    scheduler_class = getattr(diffusers, config.get("_class_name", "EulerDiscreteScheduler"))
+    scheduler = scheduler_class.from_config(config)
+    if scheduler.config.get("clip_sample"):  # DDPM/DDIM default: clipping x0 to [-1, 1] ruins latents
+        config["clip_sample"] = False
+        scheduler = scheduler_class.from_config(config)
+    scheduler.set_timesteps(1)
+    last = scheduler.config.num_train_timesteps - 1
+    if int(scheduler.timesteps[0]) != last:
+        scheduler = scheduler_class.from_config({**config, "timestep_spacing": "trailing"})
+        scheduler.set_timesteps(1)
+    if int(scheduler.timesteps[0]) != last:
+        raise ValueError(f"{scheduler_class.__name__} cannot be set to the single timestep {last} that SDXS needs.")
+    return scheduler
+
+
+def validate_request(prompts, num_images: int, width: int, height: int, decoder: str, decoders) -> list[str]:
+    """Check a request up front; return the prompts as a list. Raises ValueError saying what to fix."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings.")
+    if not isinstance(num_images, int) or not 1 <= num_images * len(prompts) <= MAX_IMAGES:
+        raise ValueError(f"Number of images must be an integer from 1 to {MAX_IMAGES} in total (prompts x images per prompt).")
+    for name, side in (("width", width), ("height", height)):
+        if not isinstance(side, int) or side % 8 or not 64 <= side <= MAX_SIDE:
+            raise ValueError(f"{name} must be a multiple of 8 between 64 and {MAX_SIDE} (SDXS is trained at 512); got {side}.")
+    if decoder not in decoders:
+        raise ValueError(f"Unknown decoder '{decoder}'; this model has: {', '.join(decoders)}.")
+    return list(prompts)
+
+
+def _shorten(text: str, limit: int = 40, tail: bool = False) -> str:
+    if len(text) <= limit:
+        return text
+    return "..." + text[-limit:] if tail else text[:limit] + "..."
+
+
+class SDXSEngine:
+    """One-step text-to-image over built components; device and dtype are fixed at construction.
+
+    Calls never move, cast or swap shared modules, so concurrent requests are safe.
+    """
+
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        one_step_scheduler(components.scheduler_config)  # fail at start-up, not on the first request
+        self.max_tokens = components.tokenizer.model_max_length
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, device: str | None = None, dtype: str | torch.dtype | None = None, base: str | None = None) -> "SDXSEngine":
+        """Load a hub id or local diffusers folder (see sdxs.loading) on the chosen device/dtype."""
+        device, dtype = pick_device_and_dtype(device, dtype)
+        return cls(load_components(model, device, dtype, base=base), device, dtype)
+
+    @property
+    def decoders(self) -> list[str]:
+        return list(self.components.decoders)
+
+    @property
+    def name(self) -> str:
+        return self.components.source
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """CLIP text embeddings (last hidden state, as SD uses); warns about truncated prompts."""
+        tokenizer, warnings = self.components.tokenizer, []
+        for prompt in prompts:
+            ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+            if len(ids) > self.max_tokens:
+                kept = tokenizer.decode(ids[1 : self.max_tokens - 1])
+                dropped = tokenizer.decode(ids[self.max_tokens - 1 : -1])
+                warnings.append(
+                    f"Prompt longer than the text encoder's {self.max_tokens} tokens ({len(ids)} given): "
+                    f"ignored the end '{_shorten(dropped)}' after '{_shorten(kept, tail=True)}'."
+                )
+        ids = tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt").input_ids
+        embeddings = self.components.text_encoder(ids.to(self.device))[0]
+        return embeddings, warnings
+
+    def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        """Unit Gaussian latents, one CPU generator per image: seed s gives the same image on any
+        device and in any batch position."""
+        channels = self.components.unet.config.in_channels
+        noise = [
+            torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(seed))
+            for seed in seeds
+        ]
+        return torch.cat(noise).to(self.device, self.dtype)
+
+    def denoise(self, noise: torch.Tensor, text_embeddings: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        """The single step: predict at t=999 and jump straight to the clean latents."""
+        scheduler = one_step_scheduler(self.components.scheduler_config)
+        t = scheduler.timesteps[0]
+        latents = noise * scheduler.init_noise_sigma
+        model_input = scheduler.scale_model_input(latents, t)
+        prediction = self.components.unet(model_input, t, encoder_hidden_states=text_embeddings, **unet_kwargs).sample
+        return scheduler.step(prediction, t, latents).prev_sample
+
+    def decode(self, latents: torch.Tensor, decoder: str) -> list[Image.Image]:
+        vae = self.components.decoders[decoder]
+        images = vae.decode(latents / vae.config.scaling_factor).sample  # in [-1, 1]
+        array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+    # --- public call ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def text_to_image(
+        self,
+        prompt: str | list[str],
+        *,
+        seed: int = 0,
+        num_images: int = 1,
+        decoder: str = "tiny",
+        width: int = TRAINED_SIZE,
+        height: int = TRAINED_SIZE,
+        num_inference_steps: int = 1,
+        guidance_scale: float = 0.0,
+    ) -> Generation:
+        """Generate `num_images` images per prompt in one batched forward.
+
+        Image i of a call gets seed `seed + i`, so any image can be reproduced alone.
+        """
+        check_one_step_settings(num_inference_steps, guidance_scale)
+        prompts = validate_request(prompt, num_images, width, height, decoder, self.components.decoders)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
+        prompts = [p for p in prompts for _ in range(num_images)]
+        seeds = [int(seed) + i for i in range(len(prompts))]
+
+        timings, start = {}, time.perf_counter()
+        embeddings, warnings = self.encode_prompts(prompts)
+        timings["text_encoder"] = self._lap(start)
+        latents = self.denoise(self.initial_noise(seeds, height, width), embeddings)
+        timings["unet"] = self._lap(start, timings)
+        images = self.decode(latents, decoder)
+        timings["decoder"] = self._lap(start, timings)
+        timings["total"] = time.perf_counter() - start
+        if (width, height) != (TRAINED_SIZE, TRAINED_SIZE):
+            warnings.append(f"SDXS is trained at {TRAINED_SIZE}x{TRAINED_SIZE}; {width}x{height} may look worse.")
+        for w in dict.fromkeys(warnings):
+            log.warning(w)
+        return Generation(images, seeds, prompts, list(dict.fromkeys(warnings)), timings)
+
+    def _lap(self, start: float, done: dict | None = None) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start - sum((done or {}).values())

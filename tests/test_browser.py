@@ -1,0 +1,18 @@
+"""End to end in a real headless browser: `python app.py --model <tiny folder>` takes a prompt and shows an image."""
+
+from browser import browser_page, require_browser, screenshot, serve
+from conftest import ROOT
+
+
+def test_app_shows_an_image_for_a_prompt(tiny_model_dir, tmp_path):
+    require_browser()
+    with serve(ROOT / "app.py", tiny_model_dir, tmp_path / "app.log") as url, browser_page(tmp_path) as page:
+        page.goto(url)
+        page.locator("#prompt textarea").fill("a cat wearing a hat")
+        page.locator("#run").click()
+        image = page.locator("#gallery img").first
+        image.wait_for(state="visible", timeout=60_000)
+        page.locator("#status").get_by_text("image(s) in").wait_for(timeout=30_000)
+        assert "seed" in page.locator("#status").inner_text()
+        assert image.evaluate("img => img.naturalWidth") == 512
+        screenshot(page, "app.png", tmp_path)
