@@ -99,9 +99,21 @@ def make_tiny(dest: str | Path, *, seed: int = 0, controlnet: bool = True) -> Pa
         raise FileExistsError(f"{dest} exists and is not empty; choose a new folder.")
     architecture = TINY if controlnet else Architecture(**{**TINY.__dict__, "controlnet": None})
     components = build_components(architecture, seed=seed)
+    if "controlnet" in components:
+        _randomise_zero_convs(components["controlnet"])
     save_pipeline_folder(components, cached_clip_tokenizer_dir(), dest)
     (dest / "README.md").write_text(
         "# Tiny random SDXS-layout model\n\nRandom weights, for tests, demos and bug reports: "
         "made by `python -m sdxs make-tiny`. It generates noise-like images.\n"
     )
     return dest
+
+
+def _randomise_zero_convs(controlnet: torch.nn.Module, std: float = 0.05) -> None:
+    """A fresh ControlNet's sketch-embedding and output convolutions are zero-initialised, so it would
+    change nothing; give the tiny one small random weights so tests and demos can see the sketch act."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * std)

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sdxs.registry import DEFAULT_MODEL, MODELS
+from sdxs.registry import DEFAULT_MODEL, MODELS, SKETCH_MODEL
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -38,17 +38,15 @@ def cmd_generate(args) -> int:
     from sdxs.engine import SDXSEngine
 
     _quiet_libraries()
-    engine = SDXSEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, base=args.base)
-    result = engine.text_to_image(
-        args.prompt,
-        seed=args.seed,
-        num_images=args.n,
-        decoder=args.decoder,
-        width=args.width,
-        height=args.height,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-    )
+    model = args.model or (SKETCH_MODEL if args.sketch else DEFAULT_MODEL)
+    engine = SDXSEngine.from_pretrained(model, device=args.device, dtype=args.dtype, base=args.base)
+    common = dict(seed=args.seed, num_images=args.n, decoder=args.decoder, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    if args.sketch:
+        if not Path(args.sketch).is_file():
+            raise ValueError(f"Sketch file '{args.sketch}' does not exist.")
+        result = engine.sketch_to_image(args.sketch, args.prompt, control_strength=args.control_strength, **common)
+    else:
+        result = engine.text_to_image(args.prompt, width=args.width, height=args.height, **common)
     paths = output_paths(args.out, len(result.images), result.seeds)
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,12 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     known = ", ".join(MODELS)
 
     gen = sub.add_parser("generate", help="generate images in one step", description="Generate images in one step.")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local diffusers folder (default {DEFAULT_MODEL}; known: {known})")
-    gen.add_argument("--base", default=None, help="base pipeline for a local LoRA folder (default: the adapter's own)")
+    gen.add_argument("--model", default=None, help=f"hub id or local diffusers folder (default {DEFAULT_MODEL}, or {SKETCH_MODEL} with --sketch; known: {known})")
+    gen.add_argument("--base", default=None, help="base pipeline for a LoRA or bare ControlNet folder (default: the registry's or the adapter's own)")
     gen.add_argument("--prompt", required=True, help="text prompt (longer than 77 CLIP tokens is truncated, with a warning)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
     gen.add_argument("--n", type=int, default=1, help="number of images, generated in one batch (default 1)")
     gen.add_argument("--out", default="sdxs.png", help="output FILE.png, or a folder for seed-S.png files (default sdxs.png)")
+    gen.add_argument("--sketch", default=None, metavar="FILE", help="sketch image (dark strokes on white, any size): sketch-to-image through the ControlNet")
+    gen.add_argument("--control-strength", type=float, default=0.8, help="how closely to follow the sketch, 0..1 (default 0.8)")
     gen.add_argument("--decoder", default="tiny", choices=["tiny", "large"], help="tiny TAESD (fast) or large SD VAE (quality)")
     gen.add_argument("--width", type=int, default=512, help="multiple of 8; SDXS is trained at 512 (default 512)")
     gen.add_argument("--height", type=int, default=512, help="multiple of 8; SDXS is trained at 512 (default 512)")

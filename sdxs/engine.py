@@ -28,6 +28,7 @@ class Generation:
     prompts: list[str]
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: text_encoder, unet, decoder, total
+    sketch: Image.Image | None = None  # sketch mode: the control image as the ControlNet saw it
 
 
 def check_one_step_settings(num_inference_steps: int = 1, guidance_scale: float = 0.0) -> None:
@@ -147,13 +148,23 @@ class SDXSEngine:
         ]
         return torch.cat(noise).to(self.device, self.dtype)
 
-    def denoise(self, noise: torch.Tensor, text_embeddings: torch.Tensor, **unet_kwargs) -> torch.Tensor:
-        """The single step: predict at t=999 and jump straight to the clean latents."""
+    def denoise(self, noise: torch.Tensor, text_embeddings: torch.Tensor, control: torch.Tensor | None = None, control_strength: float = 0.0) -> torch.Tensor:
+        """The single step: predict at t=999 and jump straight to the clean latents.
+
+        In sketch mode the ControlNet adds its 7 residuals (6 skip connections + 1 added after the
+        missing mid block) to the U-Net, scaled by `control_strength`."""
         scheduler = one_step_scheduler(self.components.scheduler_config)
         t = scheduler.timesteps[0]
         latents = noise * scheduler.init_noise_sigma
         model_input = scheduler.scale_model_input(latents, t)
-        prediction = self.components.unet(model_input, t, encoder_hidden_states=text_embeddings, **unet_kwargs).sample
+        residuals = {}
+        if control is not None:
+            down, mid = self.components.controlnet(
+                model_input, t, encoder_hidden_states=text_embeddings, controlnet_cond=control,
+                conditioning_scale=control_strength, return_dict=False,
+            )
+            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        prediction = self.components.unet(model_input, t, encoder_hidden_states=text_embeddings, **residuals).sample
         return scheduler.step(prediction, t, latents).prev_sample
 
     def decode(self, latents: torch.Tensor, decoder: str) -> list[Image.Image]:
@@ -162,7 +173,7 @@ class SDXSEngine:
         array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
 
-    # --- public call ----------------------------------------------------------------------------
+    # --- public calls ---------------------------------------------------------------------------
 
     @torch.inference_mode()
     def text_to_image(
@@ -183,24 +194,79 @@ class SDXSEngine:
         """
         check_one_step_settings(num_inference_steps, guidance_scale)
         prompts = validate_request(prompt, num_images, width, height, decoder, self.components.decoders)
+        return self._generate(prompts, seed, num_images, decoder, width, height)
+
+    @torch.inference_mode()
+    def sketch_to_image(
+        self,
+        sketch,
+        prompt: str | list[str],
+        *,
+        seed: int = 0,
+        num_images: int = 1,
+        control_strength: float = 0.8,
+        decoder: str = "tiny",
+        num_inference_steps: int = 1,
+        guidance_scale: float = 0.0,
+    ) -> Generation:
+        """Sketch + prompt -> images, in one step through the sketch ControlNet.
+
+        `sketch`: anything sdxs.sketch.prepare_sketch reads (canvas value, PIL image, array, path).
+        `control_strength` (controlnet_conditioning_scale) in [0, 1]: 0 ignores the sketch.
+        """
+        from sdxs.sketch import SKETCH_SIZE, prepare_sketch, sketch_to_tensor
+
+        if self.components.controlnet is None:
+            raise ValueError(
+                f"'{self.name}' has no ControlNet, so it cannot draw from sketches. Load "
+                "IDKiro/sdxs-512-dreamshaper-sketch (or a folder with a controlnet/ subfolder)."
+            )
+        check_one_step_settings(num_inference_steps, guidance_scale)
+        if not isinstance(control_strength, (int, float)) or not 0 <= control_strength <= 1:
+            raise ValueError(f"control_strength must be between 0 and 1; got {control_strength!r}.")
+        prompts = validate_request(prompt, num_images, SKETCH_SIZE, SKETCH_SIZE, decoder, self.components.decoders)
+        control_image = prepare_sketch(sketch)
+        if control_image is None:
+            raise ValueError("The sketch is empty: draw some dark strokes (or upload a line drawing) first.")
+        control = sketch_to_tensor(control_image).to(self.device, self.dtype)
+        result = self._generate(prompts, seed, num_images, decoder, SKETCH_SIZE, SKETCH_SIZE, control, float(control_strength))
+        result.sketch = control_image
+        return result
+
+    def _generate(self, prompts, seed, num_images, decoder, width, height, control=None, control_strength=0.0) -> Generation:
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
         prompts = [p for p in prompts for _ in range(num_images)]
         seeds = [int(seed) + i for i in range(len(prompts))]
+        if control is not None:
+            control = control.expand(len(prompts), -1, -1, -1)
 
         timings, start = {}, time.perf_counter()
         embeddings, warnings = self.encode_prompts(prompts)
         timings["text_encoder"] = self._lap(start)
-        latents = self.denoise(self.initial_noise(seeds, height, width), embeddings)
+        latents = self.denoise(self.initial_noise(seeds, height, width), embeddings, control, control_strength)
         timings["unet"] = self._lap(start, timings)
         images = self.decode(latents, decoder)
         timings["decoder"] = self._lap(start, timings)
         timings["total"] = time.perf_counter() - start
         if (width, height) != (TRAINED_SIZE, TRAINED_SIZE):
             warnings.append(f"SDXS is trained at {TRAINED_SIZE}x{TRAINED_SIZE}; {width}x{height} may look worse.")
-        for w in dict.fromkeys(warnings):
+        warnings = list(dict.fromkeys(warnings))
+        for w in warnings:
             log.warning(w)
-        return Generation(images, seeds, prompts, list(dict.fromkeys(warnings)), timings)
+        return Generation(images, seeds, prompts, warnings, timings)
+
+    def with_lora(self, adapter: str) -> "SDXSEngine":
+        """A variant of this engine with a PEFT LoRA (e.g. the anime style) merged into a copy of
+        the U-Net; the text encoder, decoders and ControlNet are shared, not copied."""
+        import copy
+        import dataclasses
+
+        from sdxs.loading import merge_lora, resolve_model_dir
+
+        adapter_dir = resolve_model_dir(adapter, subfolders_with_weights=("",))
+        unet = merge_lora(copy.deepcopy(self.components.unet), adapter_dir)
+        return SDXSEngine(dataclasses.replace(self.components, unet=unet, source=str(adapter)), self.device, self.dtype)
 
     def _lap(self, start: float, done: dict | None = None) -> float:
         if self.device.type == "cuda":

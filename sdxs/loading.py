@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdxs.registry import MODELS
+from sdxs.registry import DEFAULT_MODEL, MODELS
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Components:
     scheduler_config: dict
     decoders: dict[str, torch.nn.Module]  # "tiny" (vae/, AutoencoderTiny) and/or "large" (AutoencoderKL)
     source: str
+    controlnet: torch.nn.Module | None = None  # sketch mode
 
 
 def _check_folder(root: Path, model: str) -> None:
@@ -131,9 +132,15 @@ def load_components(model: str | os.PathLike, device: torch.device, dtype: torch
         base = base or (spec.base if spec else None) or json.loads((root / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise ModelNotFoundError(f"LoRA '{model}' names no base model; pass the base pipeline with --base.")
-        return _merge_lora(load_components(base, device, dtype), root, source=str(model))
-    if spec is not None and spec.kind == "controlnet":
-        raise ModelNotFoundError(f"'{model}' is a ControlNet: run it with its base model '{spec.base}' in sketch mode.")
+        components = load_components(base, device, dtype)
+        components.unet = merge_lora(components.unet, root)
+        components.source = str(model)
+        return components
+    if _class_name(root) == "ControlNetModel":  # a bare ControlNet repo: attach it to its base pipeline
+        components = load_components(base or (spec.base if spec else None) or DEFAULT_MODEL, device, dtype)
+        components.controlnet = load_controlnet(root, dtype).to(device)
+        components.source = str(model)
+        return components
 
     _check_folder(root, str(model))
     try:
@@ -146,18 +153,52 @@ def load_components(model: str | os.PathLike, device: torch.device, dtype: torch
                 vae = load_decoder(root / sub, dtype)
                 decoders["tiny" if type(vae).__name__ == "AutoencoderTiny" else "large"] = vae
         scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        controlnet = load_controlnet(root / "controlnet", dtype) if (root / "controlnet").is_dir() else None
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ModelNotFoundError(f"Could not load '{model}' from {root}: {err}") from None
-    for module in [text_encoder, unet, *decoders.values()]:
-        module.to(device).eval().requires_grad_(False)
-    return Components(tokenizer, text_encoder, unet, scheduler_config, decoders, source=str(model))
+    for module in [text_encoder, unet, *decoders.values(), controlnet]:
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    return Components(tokenizer, text_encoder, unet, scheduler_config, decoders, source=str(model), controlnet=controlnet)
 
 
-def _merge_lora(components: Components, adapter_dir: Path, source: str) -> Components:
-    """Merge a PEFT LoRA into the U-Net once, at load time: never toggled per request."""
+def _class_name(folder: Path) -> str | None:
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+
+
+def load_state_dict_safely(folder: Path) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, else from a pickle .bin read with weights_only=True: tensors only,
+    never code (the released sketch ControlNet exists only as a .bin)."""
+    from safetensors.torch import load_file
+
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    if safetensors_files:
+        return load_file(safetensors_files[0])
+    bins = sorted(folder.glob("*.bin"))
+    if not bins:
+        raise OSError(f"No weights (*.safetensors or *.bin) in {folder}.")
+    try:
+        return torch.load(bins[0], map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything that is not plain tensors
+        raise ModelNotFoundError(f"Refusing to load {bins[0].name}: it is not a plain tensor file ({type(err).__name__}).") from None
+
+
+def load_controlnet(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """ControlNetModel from its config, with weights loaded safely and every key checked."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_config(ControlNetModel.load_config(folder))
+    controlnet.load_state_dict(load_state_dict_safely(folder), strict=True)
+    if dtype != torch.float32:
+        controlnet = controlnet.to(dtype=dtype)
+    return controlnet.eval().requires_grad_(False)
+
+
+def merge_lora(unet: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """A PEFT LoRA merged into `unet` once, at load time (never toggled per request).
+    Modifies and returns `unet`; pass a copy to keep the original."""
     from peft import PeftModel
 
-    merged = PeftModel.from_pretrained(components.unet, adapter_dir).merge_and_unload()
-    components.unet = merged.eval().requires_grad_(False)
-    components.source = source
-    return components
+    merged = PeftModel.from_pretrained(unet, adapter_dir).merge_and_unload()
+    return merged.eval().requires_grad_(False)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from sdxs import architectures as arch
 
 DEFAULT_MODEL = "IDKiro/sdxs-512-dreamshaper"
+SKETCH_MODEL = "IDKiro/sdxs-512-dreamshaper-sketch"
+ANIME_LORA = "IDKiro/sdxs-512-dreamshaper-anime"
 
 
 @dataclass(frozen=True)

@@ -44,3 +44,20 @@ def test_no_network_gives_one_actionable_error(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "IDKiro/sdxs-512-dreamshaper" in proc.stderr and "--model" in proc.stderr
+
+
+def test_style_variant_choice(tiny_engine, tiny_lora_dir):
+    variant = tiny_engine.with_lora(str(tiny_lora_dir))
+    engines = {"Base": tiny_engine, "Styled": variant}
+    generate = app.make_generate(engines)
+    base, _, _ = generate("a cat", 9, False, 1, "tiny", "Base")
+    styled, _, status = generate("a cat", 9, False, 1, "tiny", "Styled")
+    assert base[0].tobytes() != styled[0].tobytes() and "tiny-lora" in status
+    app.build_demo(engines)
+
+
+def test_load_engines_adds_a_lora_variant_and_survives_a_missing_one(tiny_model_dir, tiny_lora_dir, capsys):
+    engines = app.load_engines(app.parse_args(["--model", str(tiny_model_dir), "--lora", str(tiny_lora_dir), "--device", "cpu"]))
+    assert len(engines) == 2
+    engines = app.load_engines(app.parse_args(["--model", str(tiny_model_dir), "--lora", "/no/such/lora", "--device", "cpu"]))
+    assert len(engines) == 1 and "not loaded" in capsys.readouterr().err

@@ -2,7 +2,9 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, offline_env
+from PIL import Image, ImageDraw
+
+from conftest import offline_env
 from sdxs.cli import main, output_paths
 
 
@@ -39,3 +41,20 @@ def test_bad_settings_exit_2_with_explanation(tiny_model_dir, capsys):
 def test_output_paths():
     assert [p.name for p in output_paths("x.png", 2, [1, 2])] == ["x-1.png", "x-2.png"]
     assert [p.name for p in output_paths("dir", 1, [9])] == ["seed-9.png"]
+
+
+def test_generate_from_a_sketch(tiny_model_dir, tmp_path, capsys):
+    sketch = Image.new("L", (300, 200), 255)
+    ImageDraw.Draw(sketch).line([(10, 10), (290, 190)], fill=0, width=5)
+    sketch.save(tmp_path / "sketch.png")
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "cat", "--sketch", str(tmp_path / "sketch.png")]
+    assert main([*args, "--control-strength", "1", "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--control-strength", "0", "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+    assert main([*args[:-1], str(tmp_path / "missing.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_arch_json_counts_the_sketch_controlnet(capsys):
+    assert main(["arch", "--model", "IDKiro/sdxs-512-dreamshaper-sketch", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["controlnet"] == 186551440

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, offline_env
+from conftest import offline_env
 from sdxs import ModelNotFoundError, SDXSEngine, pick_device_and_dtype
 from sdxs.loading import resolve_model_dir
 
@@ -54,20 +54,26 @@ def test_device_and_dtype_choice():
         pick_device_and_dtype("cpu", "int3")
 
 
-def test_lora_adapter_is_merged_once(tmp_path, tiny_model_dir, tiny_engine):
-    """A PEFT adapter saved as the anime LoRA is (adapter_config.json + adapter_model.bin)."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig, get_peft_model
+def test_lora_adapter_is_merged_once(tiny_lora_dir, tiny_model_dir, tiny_engine):
+    assert (tiny_lora_dir / "adapter_model.bin").is_file()
+    assert json.loads((tiny_lora_dir / "adapter_config.json").read_text())["r"] == 4
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
-    get_peft_model(unet, config).save_pretrained(tmp_path / "lora", safe_serialization=False)
-    assert (tmp_path / "lora" / "adapter_model.bin").is_file()
-    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 4
-
-    styled = SDXSEngine.from_pretrained(str(tmp_path / "lora"), device="cpu", base=str(tiny_model_dir))
+    styled = SDXSEngine.from_pretrained(str(tiny_lora_dir), device="cpu", base=str(tiny_model_dir))
     assert not any("lora" in name for name in styled.components.unet.state_dict())
     a = np.asarray(styled.text_to_image("a cat", seed=2).images[0])
     b = np.asarray(tiny_engine.text_to_image("a cat", seed=2).images[0])
     assert not np.array_equal(a, b)
-    assert styled.name == str(tmp_path / "lora")
+    assert styled.name == str(tiny_lora_dir)
+
+
+def test_with_lora_variant_shares_all_but_the_unet(tiny_lora_dir, tiny_model_dir, tiny_engine):
+    variant = tiny_engine.with_lora(str(tiny_lora_dir))
+    assert variant.components.text_encoder is tiny_engine.components.text_encoder
+    assert variant.components.decoders is tiny_engine.components.decoders
+    assert variant.components.unet is not tiny_engine.components.unet
+    # The base engine is untouched, and the variant equals loading the adapter from scratch.
+    merged = SDXSEngine.from_pretrained(str(tiny_lora_dir), device="cpu", base=str(tiny_model_dir))
+    a = np.asarray(variant.text_to_image("a cat", seed=4).images[0]).astype(int)
+    b = np.asarray(merged.text_to_image("a cat", seed=4).images[0]).astype(int)
+    assert np.abs(a - b).max() <= 1
+    assert not any("lora" in name for name in tiny_engine.components.unet.state_dict())
