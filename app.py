@@ -98,7 +98,7 @@ def build_demo(engines: dict[str, SDXSEngine] | SDXSEngine) -> gr.Blocks:
 def load_engines(args) -> dict[str, SDXSEngine]:
     """The base model, plus the LoRA style variant when one is asked for (or by default, the
     anime LoRA over the default DreamShaper). A LoRA that cannot be loaded is skipped, loudly."""
-    engine = load_engine_or_exit(args.model, args.device, args.dtype)
+    engine = load_engine_or_exit(args)
     engines = {display_name(engine): engine}
     lora = args.lora if args.lora is not None else (ANIME_LORA if args.model == DEFAULT_MODEL else "none")
     if lora != "none":
@@ -107,6 +107,8 @@ def load_engines(args) -> dict[str, SDXSEngine]:
         except (ModelNotFoundError, ValueError, OSError) as err:
             print(f"warning: style LoRA '{lora}' not loaded, running without it: {err}", file=sys.stderr)
         else:
+            if variant.backend != "torch":
+                variant.warm_up()
             engines[MODELS[lora].title if lora in MODELS else f"{display_name(engine)} + {display_name(variant)}"] = variant
     return engines
 

@@ -110,7 +110,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    engine = load_engine_or_exit(args.model, args.device, args.dtype, base=args.base)
+    engine = load_engine_or_exit(args, base=args.base)
     if engine.components.controlnet is None:
         print(f"error: '{args.model}' has no ControlNet; use {SKETCH_MODEL} or a folder with controlnet/.", file=sys.stderr)
         return 2

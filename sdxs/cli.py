@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from sdxs.engine import BACKENDS
 from sdxs.registry import DEFAULT_MODEL, MODELS, SKETCH_MODEL
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -39,7 +40,7 @@ def cmd_generate(args) -> int:
 
     _quiet_libraries()
     model = args.model or (SKETCH_MODEL if args.sketch else DEFAULT_MODEL)
-    engine = SDXSEngine.from_pretrained(model, device=args.device, dtype=args.dtype, base=args.base)
+    engine = SDXSEngine.from_pretrained(model, device=args.device, dtype=args.dtype, base=args.base, backend=args.backend)
     common = dict(seed=args.seed, num_images=args.n, decoder=args.decoder, num_inference_steps=args.steps, guidance_scale=args.guidance)
     if args.sketch:
         if not Path(args.sketch).is_file():
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=512, help="multiple of 8; SDXS is trained at 512 (default 512)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
+    gen.add_argument("--backend", default="auto", choices=list(BACKENDS), help="auto: OpenVINO on a CPU when installed, else PyTorch")
     gen.add_argument("--steps", type=int, default=1, help="must be 1: SDXS is a one-step model (kept to explain why)")
     gen.add_argument("--guidance", type=float, default=0.0, help="must be 0: SDXS runs without guidance (kept to explain why)")
     gen.set_defaults(func=cmd_generate)

@@ -87,6 +87,43 @@ def validate_request(prompts, num_images: int, width: int, height: int, decoder:
     return list(prompts)
 
 
+BACKENDS = ("auto", "torch", "torch-compile", "openvino", "openvino-bf16")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a request for `backend` gets on this device, with a clear error when impossible."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
+    if backend in ("torch", "torch-compile"):
+        return backend
+    from sdxs.openvino_backend import openvino_available
+
+    if backend == "auto":
+        return "openvino" if device.type == "cpu" and dtype == torch.float32 and openvino_available() else "torch"
+    if device.type != "cpu":
+        raise ValueError(f"The {backend} backend runs on the CPU; use --device cpu or --backend torch.")
+    if not openvino_available():
+        raise ValueError(f"The {backend} backend needs the openvino package: pip install openvino.")
+    return backend
+
+
+class _CompiledDecoder:
+    def __init__(self, vae, mode: str):
+        self.config = vae.config
+        self.decode = torch.compile(vae.decode, mode=mode)
+
+
+def compile_torch(components: Components, device: torch.device) -> Components:
+    """The GPU path: channels_last U-Net and decoders, compiled once (CUDA graphs on a GPU via
+    "reduce-overhead"). Compilation happens on the first call of each shape."""
+    import dataclasses
+
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    unet = torch.compile(components.unet.to(memory_format=torch.channels_last), mode=mode)
+    decoders = {name: _CompiledDecoder(vae.to(memory_format=torch.channels_last), mode) for name, vae in components.decoders.items()}
+    return dataclasses.replace(components, unet=unet, decoders=decoders)
+
+
 def _shorten(text: str, limit: int = 40, tail: bool = False) -> str:
     if len(text) <= limit:
         return text
@@ -99,18 +136,32 @@ class SDXSEngine:
     Calls never move, cast or swap shared modules, so concurrent requests are safe.
     """
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype):
-        self.components = components
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, backend: str = "torch"):
+        """`backend`: "torch", "openvino" (CPU, fp32 kernels of OpenVINO) or "openvino-bf16"
+        (CPU with native bf16; faster, slightly different images); "auto" picks "openvino" on a
+        CPU when it is installed, else "torch"."""
+        self.torch_components = components
         self.device = device
         self.dtype = dtype
+        self.backend = resolve_backend(backend, device, dtype)
+        if self.backend.startswith("openvino"):
+            from sdxs.openvino_backend import ir_cache_dir, to_openvino
+
+            precision = "bf16" if self.backend == "openvino-bf16" else "f32"
+            components = to_openvino(components, precision, ir_cache_dir(components.folders, precision))
+        elif self.backend == "torch-compile":
+            components = compile_torch(components, device)
+        self.components = components
         one_step_scheduler(components.scheduler_config)  # fail at start-up, not on the first request
         self.max_tokens = components.tokenizer.model_max_length
 
     @classmethod
-    def from_pretrained(cls, model: str, *, device: str | None = None, dtype: str | torch.dtype | None = None, base: str | None = None) -> "SDXSEngine":
-        """Load a hub id or local diffusers folder (see sdxs.loading) on the chosen device/dtype."""
+    def from_pretrained(
+        cls, model: str, *, device: str | None = None, dtype: str | torch.dtype | None = None, base: str | None = None, backend: str = "auto"
+    ) -> "SDXSEngine":
+        """Load a hub id or local diffusers folder (see sdxs.loading) on the chosen device/dtype/backend."""
         device, dtype = pick_device_and_dtype(device, dtype)
-        return cls(load_components(model, device, dtype, base=base), device, dtype)
+        return cls(load_components(model, device, dtype, base=base), device, dtype, backend)
 
     @property
     def decoders(self) -> list[str]:
@@ -265,8 +316,26 @@ class SDXSEngine:
         from sdxs.loading import merge_lora, resolve_model_dir
 
         adapter_dir = resolve_model_dir(adapter, subfolders_with_weights=("",))
-        unet = merge_lora(copy.deepcopy(self.components.unet), adapter_dir)
-        return SDXSEngine(dataclasses.replace(self.components, unet=unet, source=str(adapter)), self.device, self.dtype)
+        unet = merge_lora(copy.deepcopy(self.torch_components.unet), adapter_dir)
+        folders = (*self.torch_components.folders, str(adapter_dir)) if self.torch_components.folders else ()
+        variant = dataclasses.replace(self.torch_components, unet=unet, source=str(adapter), folders=folders)
+        engine = SDXSEngine(variant, self.device, self.dtype, self.backend)
+        if self.backend.startswith("openvino"):  # share the converted networks that did not change
+            engine.components = dataclasses.replace(self.components, unet=engine.components.unet, source=str(adapter))
+        return engine
+
+    def warm_up(self) -> float:
+        """One throw-away call per mode at the default size, so that tracing/compiling (OpenVINO,
+        torch.compile) happens at start-up and not on a visitor's first request. Returns seconds."""
+        start = time.perf_counter()
+        self.text_to_image("warm-up", seed=0)
+        if self.components.controlnet is not None:
+            from PIL import ImageDraw
+
+            sketch = Image.new("L", (64, 64), 255)
+            ImageDraw.Draw(sketch).line([(8, 8), (56, 56)], fill=0, width=3)
+            self.sketch_to_image(sketch, "warm-up", seed=0)
+        return time.perf_counter() - start
 
     def _lap(self, start: float, done: dict | None = None) -> float:
         if self.device.type == "cuda":

@@ -93,6 +93,7 @@ class Components:
     decoders: dict[str, torch.nn.Module]  # "tiny" (vae/, AutoencoderTiny) and/or "large" (AutoencoderKL)
     source: str
     controlnet: torch.nn.Module | None = None  # sketch mode
+    folders: tuple[str, ...] = ()  # the local folders the weights came from (key on-disk caches)
 
 
 def _check_folder(root: Path, model: str) -> None:
@@ -134,12 +135,12 @@ def load_components(model: str | os.PathLike, device: torch.device, dtype: torch
             raise ModelNotFoundError(f"LoRA '{model}' names no base model; pass the base pipeline with --base.")
         components = load_components(base, device, dtype)
         components.unet = merge_lora(components.unet, root)
-        components.source = str(model)
+        components.source, components.folders = str(model), (*components.folders, str(root))
         return components
     if _class_name(root) == "ControlNetModel":  # a bare ControlNet repo: attach it to its base pipeline
         components = load_components(base or (spec.base if spec else None) or DEFAULT_MODEL, device, dtype)
         components.controlnet = load_controlnet(root, dtype).to(device)
-        components.source = str(model)
+        components.source, components.folders = str(model), (*components.folders, str(root))
         return components
 
     _check_folder(root, str(model))
@@ -159,7 +160,7 @@ def load_components(model: str | os.PathLike, device: torch.device, dtype: torch
     for module in [text_encoder, unet, *decoders.values(), controlnet]:
         if module is not None:
             module.to(device).eval().requires_grad_(False)
-    return Components(tokenizer, text_encoder, unet, scheduler_config, decoders, source=str(model), controlnet=controlnet)
+    return Components(tokenizer, text_encoder, unet, scheduler_config, decoders, source=str(model), controlnet=controlnet, folders=(str(root),))
 
 
 def _class_name(folder: Path) -> str | None:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdxs.engine import Generation, SDXSEngine
+from sdxs.engine import BACKENDS, Generation, SDXSEngine
 from sdxs.loading import ModelNotFoundError
 from sdxs.registry import MODELS
 
@@ -28,19 +28,25 @@ def add_common_flags(parser: argparse.ArgumentParser, default_model: str) -> arg
     parser.add_argument("--model", default=default_model, help=f"hub id or local diffusers folder (default {default_model})")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS), help="auto: OpenVINO on a CPU when installed, else PyTorch; openvino-bf16 is a faster, slightly different option on CPUs with native bf16")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="default 7860")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     return parser
 
 
-def load_engine_or_exit(model: str, device: str | None, dtype: str | None, **kwargs) -> SDXSEngine:
-    """Load once at start-up; on failure print one actionable message (no traceback) and exit 2."""
+def load_engine_or_exit(args, **kwargs) -> SDXSEngine:
+    """Load once at start-up (and warm up, so tracing/compiling is not a visitor's wait); on
+    failure print one actionable message (no traceback) and exit 2."""
     try:
-        return SDXSEngine.from_pretrained(model, device=device, dtype=dtype, **kwargs)
+        engine = SDXSEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **kwargs)
     except (ModelNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if engine.backend != "torch":
+        print(f"Preparing the {engine.backend} backend (first start of a model converts it; later starts reuse the cache)...", file=sys.stderr)
+        print(f"Ready in {engine.warm_up():.1f} s.", file=sys.stderr)
+    return engine
 
 
 def display_name(engine: SDXSEngine) -> str:

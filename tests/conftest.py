@@ -11,6 +11,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_openvino_cache(tmp_path_factory):
+    """Converted OpenVINO models of test runs go to a temporary folder, not the user's cache."""
+    os.environ["SDXS_OPENVINO_CACHE"] = str(tmp_path_factory.mktemp("openvino-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from sdxs.build import make_tiny
@@ -22,7 +28,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_engine(tiny_model_dir):
     from sdxs import SDXSEngine
 
-    return SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu")
+    return SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="torch")  # the reference path
 
 
 @pytest.fixture(scope="session")

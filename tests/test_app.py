@@ -57,7 +57,7 @@ def test_style_variant_choice(tiny_engine, tiny_lora_dir):
 
 
 def test_load_engines_adds_a_lora_variant_and_survives_a_missing_one(tiny_model_dir, tiny_lora_dir, capsys):
-    engines = app.load_engines(app.parse_args(["--model", str(tiny_model_dir), "--lora", str(tiny_lora_dir), "--device", "cpu"]))
+    engines = app.load_engines(app.parse_args(["--model", str(tiny_model_dir), "--lora", str(tiny_lora_dir), "--device", "cpu", "--backend", "torch"]))
     assert len(engines) == 2
-    engines = app.load_engines(app.parse_args(["--model", str(tiny_model_dir), "--lora", "/no/such/lora", "--device", "cpu"]))
+    engines = app.load_engines(app.parse_args(["--model", str(tiny_model_dir), "--lora", "/no/such/lora", "--device", "cpu", "--backend", "torch"]))
     assert len(engines) == 1 and "not loaded" in capsys.readouterr().err

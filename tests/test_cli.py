@@ -28,7 +28,7 @@ def test_arch_json_counts_the_dreamshaper_unet(capsys):
 
 
 def test_generate_several_into_a_folder(tiny_model_dir, tmp_path, capsys):
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "cat", "--n", "2", "--seed", "5", "--out", str(tmp_path / "out")]) == 0
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "cat", "--n", "2", "--seed", "5", "--out", str(tmp_path / "out"), "--backend", "torch"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seed-5.png", "seed-6.png"]
 
 
@@ -47,7 +47,7 @@ def test_generate_from_a_sketch(tiny_model_dir, tmp_path, capsys):
     sketch = Image.new("L", (300, 200), 255)
     ImageDraw.Draw(sketch).line([(10, 10), (290, 190)], fill=0, width=5)
     sketch.save(tmp_path / "sketch.png")
-    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "cat", "--sketch", str(tmp_path / "sketch.png")]
+    args = ["generate", "--backend", "torch", "--model", str(tiny_model_dir), "--prompt", "cat", "--sketch", str(tmp_path / "sketch.png")]
     assert main([*args, "--control-strength", "1", "--out", str(tmp_path / "a.png")]) == 0
     assert main([*args, "--control-strength", "0", "--out", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()

@@ -42,7 +42,7 @@ def test_missing_folder_and_incomplete_folder(tmp_path):
         resolve_model_dir(tmp_path / "nowhere")
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(ModelNotFoundError, match="missing text_encoder"):
-        SDXSEngine.from_pretrained(str(tmp_path / "half"), device="cpu")
+        SDXSEngine.from_pretrained(str(tmp_path / "half"), device="cpu", backend="torch")
 
 
 def test_device_and_dtype_choice():
@@ -58,7 +58,7 @@ def test_lora_adapter_is_merged_once(tiny_lora_dir, tiny_model_dir, tiny_engine)
     assert (tiny_lora_dir / "adapter_model.bin").is_file()
     assert json.loads((tiny_lora_dir / "adapter_config.json").read_text())["r"] == 4
 
-    styled = SDXSEngine.from_pretrained(str(tiny_lora_dir), device="cpu", base=str(tiny_model_dir))
+    styled = SDXSEngine.from_pretrained(str(tiny_lora_dir), device="cpu", base=str(tiny_model_dir), backend="torch")
     assert not any("lora" in name for name in styled.components.unet.state_dict())
     a = np.asarray(styled.text_to_image("a cat", seed=2).images[0])
     b = np.asarray(tiny_engine.text_to_image("a cat", seed=2).images[0])
@@ -72,7 +72,7 @@ def test_with_lora_variant_shares_all_but_the_unet(tiny_lora_dir, tiny_model_dir
     assert variant.components.decoders is tiny_engine.components.decoders
     assert variant.components.unet is not tiny_engine.components.unet
     # The base engine is untouched, and the variant equals loading the adapter from scratch.
-    merged = SDXSEngine.from_pretrained(str(tiny_lora_dir), device="cpu", base=str(tiny_model_dir))
+    merged = SDXSEngine.from_pretrained(str(tiny_lora_dir), device="cpu", base=str(tiny_model_dir), backend="torch")
     a = np.asarray(variant.text_to_image("a cat", seed=4).images[0]).astype(int)
     b = np.asarray(merged.text_to_image("a cat", seed=4).images[0]).astype(int)
     assert np.abs(a - b).max() <= 1

@@ -157,7 +157,7 @@ def test_text_only_model_refuses_sketches(tiny_model_dir, tmp_path):
     import shutil
 
     shutil.copytree(tiny_model_dir, tmp_path / "no-controlnet", ignore=shutil.ignore_patterns("controlnet"))
-    engine = SDXSEngine.from_pretrained(str(tmp_path / "no-controlnet"), device="cpu")
+    engine = SDXSEngine.from_pretrained(str(tmp_path / "no-controlnet"), device="cpu", backend="torch")
     with pytest.raises(ValueError, match="has no ControlNet"):
         engine.sketch_to_image(stroke_canvas(), "a cat")
 
@@ -170,7 +170,7 @@ def test_bare_controlnet_bin_attaches_to_its_base(tiny_model_dir, tmp_path, tiny
     controlnet = ControlNetModel.from_pretrained(tiny_model_dir / "controlnet")
     controlnet.save_pretrained(tmp_path / "sketch", safe_serialization=False)
     assert (tmp_path / "sketch" / "diffusion_pytorch_model.bin").is_file()
-    engine = SDXSEngine.from_pretrained(str(tmp_path / "sketch"), device="cpu", base=str(tiny_model_dir))
+    engine = SDXSEngine.from_pretrained(str(tmp_path / "sketch"), device="cpu", base=str(tiny_model_dir), backend="torch")
     a = engine.sketch_to_image(stroke_canvas(), "a cat", seed=1).images[0]
     b = tiny_engine.sketch_to_image(stroke_canvas(), "a cat", seed=1).images[0]
     assert np.array_equal(pixels(a), pixels(b))
