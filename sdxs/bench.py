@@ -113,14 +113,14 @@ def run_worker(args) -> dict:
             feature_extractor=None, requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        timings = _stage_timer({"text_encoder": tc.text_encoder, "unet": tc.unet, "decoder": tc.decoders["tiny"].decoder})
+        stage_times = _stage_timer({"text_encoder": tc.text_encoder, "unet": tc.unet, "decoder": tc.decoders["tiny"].decoder})
 
         def generate(batch):
             for key in ("text_encoder", "unet", "decoder"):
-                timings[key] = 0.0
+                stage_times[key] = 0.0
             start = time.perf_counter()
             images = _upstream_call(engine, pipe, engine.initial_noise(list(range(batch)), 512, 512))
-            return images, dict(timings, total=time.perf_counter() - start)
+            return images, dict(stage_times, total=time.perf_counter() - start)
     else:
         def generate(batch):
             result = engine.text_to_image(PROMPT, seed=0, num_images=batch)
@@ -131,9 +131,9 @@ def run_worker(args) -> dict:
     first_call = time.perf_counter() - start
     stages = {key: [] for key in ("text_encoder", "unet", "decoder", "total")}
     for _ in range(args.runs):
-        images, timings = generate(1)
+        images, run_timings = generate(1)
         for key in stages:
-            stages[key].append(timings[key])
+            stages[key].append(run_timings[key])
     generate(args.batch)  # warm-up for the batched shape
     batched = [generate(args.batch)[1]["total"] for _ in range(max(1, args.runs // 2))]
     image_path = Path(args.json_out).with_suffix(".png")
