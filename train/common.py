@@ -1,0 +1,753 @@
+"""Shared training base of the SDXS stages: a few plain functions, no Trainer class.
+
+- arguments and presets: `add_common_args`, `parse_args` (a preset fills every default it names;
+  explicit flags win; --help shows each preset's value);
+- teacher: `load_teacher` (hub id or local diffusers folder, through sdxs.loading.resolve_model_dir),
+  `encode_prompts`, `sample_latents` (the teacher's multi-step sampler, DPM-Solver++ with CFG);
+- data: a prompts file ("almost data-free") or an image-caption folder (Hugging Face imagefolder:
+  images + metadata.jsonl), turned once into a cache of teacher latents (and teacher images) on disk:
+  `read_sources`, `build_latent_cache`, `CachedSamples`, `make_loader` (a step-indexed sampler, so a
+  resumed run sees exactly the batches it would have seen);
+- run plumbing: `make_accelerator` (device, mixed precision, gradient accumulation, multi-GPU through
+  `accelerate launch`), `step_generator` (per-step seeded noise), `ema_update`;
+- checkpoints: `save_checkpoint` (accelerate state + meta.json with the step and the config, written to
+  a temporary folder and renamed, keeping the last K), `find_checkpoint` / `load_checkpoint`
+  (`--resume latest`);
+- logging: `CsvLog`, `Progress` (tqdm with running losses), `save_image_grid`, `plot_loss_curve`;
+- output: `save_sdxs_pipeline` (the final student in the released SDXS folder layout, via
+  sdxs.build.save_pipeline_folder) and `atomic_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CHECKPOINTS = "checkpoints"
+SMOKE_PROMPTS = [
+    "a photo of a cat",
+    "a red bicycle leaning on a wall",
+    "a bowl of ramen, studio lighting",
+    "a mountain lake at sunrise",
+    "portrait of an old sailor, oil painting",
+    "a futuristic city at night, neon lights",
+    "a watercolor of a fox in the snow",
+    "a cup of coffee on a wooden table",
+]
+
+
+# --- arguments and presets -----------------------------------------------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every stage shares. Those whose help ends in "(preset)" default to the --preset's value (parse_args)."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", required=True, choices=["smoke", "paper"],
+                     help="smoke: tiny models, seconds on a CPU (what the tests run); paper: SD-scale defaults for GPUs. "
+                          "Every flag showing [preset ...] takes the chosen preset's value unless given.")
+    run.add_argument("--output_dir", required=True, help="run folder: checkpoints/, samples/, log.csv, loss_curve.png, final/")
+    run.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation (default 0)")
+    run.add_argument("--resume", default=None,
+                     help="'latest' (the newest complete checkpoint in OUTPUT_DIR/checkpoints; starts fresh if none) or a checkpoint folder")
+    run.add_argument("--max_steps", type=int, help="optimizer steps in total, counting resumed ones")
+    run.add_argument("--stop_after_step", type=int, default=None,
+                     help="testing aid: exit right after this step without the final save, as a killed run would (default: off)")
+    run.add_argument("--overfit_batch", action="store_true",
+                     help="debug: train on the first batch with the same noise at every step; the loss must then fall")
+
+    data = parser.add_argument_group("teacher and data")
+    data.add_argument("--teacher", default=None,
+                      help="teacher pipeline: hub id or local diffusers folder (SD-1.5 family, e.g. Lykon/dreamshaper-8, or "
+                           "SD-2.1-base). With --preset smoke and no --teacher, a tiny random teacher is built in OUTPUT_DIR/tiny-teacher")
+    data.add_argument("--prompts", default=None,
+                      help="text file, one prompt per line: latents come from the teacher's sampler (the paper's 'almost data-free' "
+                           "setting). With --preset smoke and no data given, 8 built-in prompts are used")
+    data.add_argument("--image_folder", default=None,
+                      help="image-caption folder in the Hugging Face imagefolder convention: images + metadata.jsonl "
+                           "with 'file_name' and a caption column")
+    data.add_argument("--caption_column", default="text", help="caption key in metadata.jsonl (default 'text')")
+    data.add_argument("--latents", choices=["sample", "encode"], default=None,
+                      help="where latents come from: 'sample' runs the teacher's sampler on the prompts (or the folder's captions), "
+                           "'encode' encodes the folder's images with the teacher VAE (faster). Default: sample for --prompts, "
+                           "encode for --image_folder")
+    data.add_argument("--num_samples", type=int, help="use only the first N prompts/images, 0 = all (preset)")
+    data.add_argument("--resolution", type=int, help="image side in pixels; latents are resolution/8 (preset)")
+    data.add_argument("--sampler_steps", type=int, help="teacher sampler steps (DPM-Solver++) when generating latents (preset)")
+    data.add_argument("--guidance_scale", type=float, help="teacher classifier-free guidance when generating latents (preset)")
+    data.add_argument("--cache_dir", default=None,
+                      help="where teacher latents/images are cached (default OUTPUT_DIR/cache); reused by later runs with the same settings")
+    data.add_argument("--cache_batch_size", type=int, default=8, help="batch size of the teacher while building the cache (default 8)")
+    data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes reading the cache (default 0)")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--batch_size", type=int, help="samples per device per micro-step (preset)")
+    opt.add_argument("--grad_accum", type=int, help="micro-steps per optimizer step; global batch = batch_size x grad_accum x GPUs (preset)")
+    opt.add_argument("--lr", type=float, help="AdamW learning rate of the student (preset)")
+    opt.add_argument("--lr_warmup_steps", type=int, help="linear warm-up steps, then constant (preset)")
+    opt.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default 1.0)")
+    opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
+                     help="autocast precision of the student; frozen teacher parts run in this dtype; 'no' on a CPU (preset)")
+    opt.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                     help="recompute activations in the backward pass: less memory, ~30%% slower (preset)")
+    opt.add_argument("--num_threads", type=int,
+                     help="torch CPU threads (intra-op), 0 = torch's default; tiny smoke models run as fast on 1 and far "
+                          "better on a shared CPU (preset)")
+    opt.add_argument("--ema_decay", type=float, help="EMA of the student weights, 0 = off; the final model is the EMA when on (preset)")
+
+    log = parser.add_argument_group("checkpoints and logging")
+    log.add_argument("--checkpoint_every", type=int, help="save a resumable checkpoint every N steps (preset)")
+    log.add_argument("--keep_checkpoints", type=int, help="keep only the last K checkpoints (preset)")
+    log.add_argument("--log_every", type=int, help="write a log.csv row (and TensorBoard scalars) every N steps (preset)")
+    log.add_argument("--sample_every", type=int, help="write a sample grid to samples/ every N steps, 0 = only at the end (preset)")
+    log.add_argument("--num_sample_images", type=int, default=4, help="images per row of the sample grid (default 4)")
+    log.add_argument("--report_to", choices=["none", "tensorboard"], default="none",
+                     help="extra tracker besides log.csv: tensorboard writes OUTPUT_DIR/tensorboard (needs `pip install tensorboard`)")
+
+
+def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv`; every default a preset names comes from the chosen preset, explicit flags win."""
+    keys = set(presets["smoke"])
+    assert all(set(p) == keys for p in presets.values()), "every preset must set the same keys"
+    for action in parser._actions:  # show each preset's value in --help
+        if action.dest in keys:
+            shown = "; ".join(f"{name}: {_flag_text(preset[action.dest])}" for name, preset in presets.items())
+            action.help = f"{(action.help or '').replace(' (preset)', '')} [preset {shown}]"
+    known, _ = parser.parse_known_args(argv)
+    if known.preset in presets:
+        parser.set_defaults(**presets[known.preset])
+    args = parser.parse_args(argv)
+    missing = [k for k in keys if getattr(args, k, None) is None]
+    assert not missing, f"preset {args.preset} leaves {missing} unset"
+    if args.resolution % 64:
+        parser.error(f"--resolution must be a multiple of 64 (latents are 1/8 of it and the teacher U-Net halves them "
+                     f"three times); got {args.resolution}.")
+    for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1; got {getattr(args, name)}.")
+    if args.prompts and args.image_folder:
+        parser.error("give --prompts or --image_folder, not both.")
+    return args
+
+
+def _flag_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def quiet_libraries() -> None:
+    """Keep library notices and load bars off the terminal; our own progress bar stays."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# --- teacher -------------------------------------------------------------------------------------
+
+
+def resolve_teacher(teacher: str | None, preset: str, output_dir: Path, accelerator) -> str:
+    """--teacher, or under --preset smoke without one, a tiny random SD-style teacher built once in
+    OUTPUT_DIR/tiny-teacher (train/tiny_teacher.py)."""
+    if teacher:
+        return teacher
+    if preset != "smoke":
+        raise SystemExit("--teacher is required with --preset paper: a hub id or diffusers folder of an SD-style pipeline, "
+                         "e.g. Lykon/dreamshaper-8 (SD-1.5 family) or an SD-2.1-base folder.")
+    from train.tiny_teacher import ensure_tiny_teacher
+
+    dest = Path(output_dir) / "tiny-teacher"
+    if accelerator.is_main_process:
+        ensure_tiny_teacher(dest)
+    accelerator.wait_for_everyone()
+    return str(dest)
+
+
+@dataclass
+class Teacher:
+    """The frozen parts of an SD-style teacher pipeline."""
+
+    root: Path
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module | None
+    vae: torch.nn.Module  # AutoencoderKL, always fp32 (SD VAEs overflow in fp16)
+    scheduler_config: dict
+
+
+def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: bool = True) -> Teacher:
+    """Load a teacher (hub id or local diffusers folder) frozen, in eval mode, on `device`.
+
+    The folder is found by sdxs.loading.resolve_model_dir (the project's loader: HF cache, HF_HOME and
+    HF_HUB_OFFLINE respected); each part is read with diffusers/transformers from_pretrained. A pipeline
+    in the SDXS layout (tiny vae/ + vae_large/) works too: its AutoencoderKL is taken from vae_large/.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sdxs.loading import resolve_model_dir
+
+    root = resolve_model_dir(model, subfolders_with_weights=("unet", "text_encoder", "vae"))
+    missing = [sub for sub in ("tokenizer", "text_encoder", "scheduler", "vae", *(["unet"] if unet else [])) if not (root / sub).is_dir()]
+    if missing:
+        raise SystemExit(f"Teacher '{model}' ({root}) is not a pipeline folder in diffusers layout: missing {', '.join(missing)}.")
+    vae_dir = root / "vae_large" if (root / "vae_large").is_dir() else root / "vae"
+    vae_class = json.loads((vae_dir / "config.json").read_text()).get("_class_name")
+    if vae_class != "AutoencoderKL":
+        raise SystemExit(f"Teacher '{model}': {vae_dir} holds a {vae_class}; the teacher's decoder must be an AutoencoderKL.")
+    teacher = Teacher(
+        root=root,
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype) if unet else None,
+        vae=AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32),
+        scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
+    )
+    for module in (teacher.text_encoder, teacher.unet, teacher.vae):
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text states as SD conditions on them: the last hidden state of the padded 77 tokens."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def sample_latents(unet, scheduler_config: dict, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor,
+                   steps: int, guidance_scale: float) -> torch.Tensor:
+    """The teacher's multi-step sampler: DPM-Solver++(2M) on the teacher's noise schedule, with
+    classifier-free guidance when guidance_scale > 1. Returns clean latents in U-Net space (scaled)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    guided = guidance_scale > 1 and uncond is not None
+    states = torch.cat([uncond, cond]) if guided else cond
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        eps = unet(x.to(unet.dtype), t, encoder_hidden_states=states).sample.float()
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def one_step_scheduler(scheduler_config: dict):
+    """The scheduler a one-step SDXS folder ships: DEIS on the teacher's noise schedule, linspace
+    spacing, so one step lands on t=999 (as in IDKiro/sdxs-512-dreamshaper)."""
+    from diffusers import DEISMultistepScheduler
+
+    keep = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    keep = {k: keep[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                                 "steps_offset", "trained_betas") if k in keep}
+    return DEISMultistepScheduler.from_config({**keep, "timestep_spacing": "linspace"})
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """What the cache is built from: one prompt per sample, and an image path when encoding images."""
+
+    prompts: list[str]
+    images: list[Path] | None
+    mode: str  # "sample" or "encode"
+    fingerprint: str  # hash of the source's content
+
+
+def read_sources(prompts_file: str | None, image_folder: str | None, caption_column: str, latents: str | None,
+                 num_samples: int, default_prompts: list[str] | None = None) -> Source:
+    """Read a prompts file or an imagefolder (images + metadata.jsonl); `default_prompts` when neither."""
+    if prompts_file and image_folder:
+        raise SystemExit("Give --prompts or --image_folder, not both.")
+    if image_folder:
+        folder = Path(image_folder)
+        meta = folder / "metadata.jsonl"
+        if not meta.is_file():
+            raise SystemExit(f"{folder} has no metadata.jsonl: an imagefolder holds images plus one JSON line per image, "
+                             f'e.g. {{"file_name": "0001.png", "{caption_column}": "a photo of a cat"}}.')
+        rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+        bad = [r for r in rows if "file_name" not in r or caption_column not in r]
+        if bad:
+            raise SystemExit(f"{meta}: {len(bad)} line(s) lack 'file_name' or '{caption_column}' (see --caption_column), e.g. {bad[0]}.")
+        prompts, images, content = [r[caption_column] for r in rows], [folder / r["file_name"] for r in rows], meta.read_bytes()
+        mode = latents or "encode"
+    else:
+        if prompts_file:
+            content = Path(prompts_file).read_bytes()
+            prompts = [p.strip() for p in content.decode("utf-8").splitlines() if p.strip()]
+        elif default_prompts:
+            prompts = list(default_prompts)
+            content = "\n".join(prompts).encode()
+        else:
+            raise SystemExit("No data: pass --prompts FILE (one prompt per line) or --image_folder DIR (images + metadata.jsonl).")
+        images = None
+        if latents == "encode":
+            raise SystemExit("--latents encode needs images: pass --image_folder.")
+        mode = "sample"
+    if num_samples:
+        prompts = prompts[:num_samples]
+        images = images[:num_samples] if images else images
+    if not prompts:
+        raise SystemExit("The data source is empty.")
+    return Source(prompts, images if mode == "encode" else None, mode, hashlib.sha1(content).hexdigest()[:16])
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """An RGB image, shorter side resized to `resolution`, centre-cropped, as a (3, H, W) tensor in [-1, 1]."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+    return data.permute(2, 0, 1).float() / 127.5 - 1
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 [0, 255], on the CPU."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def cache_folder(cache_dir: Path, teacher_root: Path, source: Source, *, resolution: int, sampler_steps: int,
+                 guidance_scale: float, with_images: bool, seed: int) -> Path:
+    """The cache folder of these settings: its name hashes everything that changes its content, so
+    runs with the same teacher, data and sampler share one cache safely."""
+    settings = cache_settings(teacher_root, source, resolution=resolution, sampler_steps=sampler_steps,
+                              guidance_scale=guidance_scale, with_images=with_images, seed=seed)
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{source.mode}-{digest}"
+
+
+def cache_settings(teacher_root, source, *, resolution, sampler_steps, guidance_scale, with_images, seed) -> dict:
+    return dict(teacher=str(teacher_root), source=source.fingerprint, mode=source.mode, n=len(source.prompts),
+                resolution=resolution, seed=seed, with_images=with_images,
+                sampler=["dpmsolver++", sampler_steps, guidance_scale] if source.mode == "sample" else None)
+
+
+def cache_is_complete(folder: Path) -> bool:
+    return (Path(folder) / "meta.json").is_file()
+
+
+def _sample_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
+    """The noise of sample `index` depends only on (seed, index): any sharding builds the same cache."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+
+def build_latent_cache(teacher: Teacher, source: Source, folder: Path, *, resolution: int, sampler_steps: int,
+                       guidance_scale: float, with_images: bool, seed: int, batch_size: int, accelerator) -> Path:
+    """Turn the data source into one .pt file per sample in `folder` (see cache_folder):
+    {"latents": fp16 (4, r/8, r/8) in U-Net space (scaled), "prompt": str, and with_images: "image":
+    uint8 (3, r, r), the TEACHER decoder's image of those latents}. Latents come from the teacher's
+    sampler (mode "sample") or from encoding the folder's images with the teacher VAE ("encode").
+
+    Sharded over processes and written file by file atomically, so a killed build resumes where it
+    stopped; meta.json marks a complete cache.
+    """
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    if cache_is_complete(folder):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    device, sf, side = accelerator.device, teacher.vae.config.scaling_factor, resolution // 8
+    todo = [i for i in range(len(source.prompts)) if i % accelerator.num_processes == accelerator.process_index
+            and not (folder / f"{i:07d}.pt").is_file()]
+    uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""]) if source.mode == "sample" else None
+    for start in tqdm(range(0, len(todo), batch_size), desc="teacher cache", disable=not todo or not accelerator.is_local_main_process):
+        ids = todo[start : start + batch_size]
+        prompts = [source.prompts[i] for i in ids]
+        with torch.no_grad():
+            if source.mode == "sample":
+                noise = torch.cat([_sample_noise((1, 4, side, side), seed, i) for i in ids]).to(device)
+                cond = encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
+                latents = sample_latents(teacher.unet, teacher.scheduler_config, cond, uncond.expand(len(ids), -1, -1),
+                                         noise, sampler_steps, guidance_scale)
+            else:
+                pixels = torch.stack([load_image(source.images[i], resolution) for i in ids]).to(device)
+                posterior = teacher.vae.encode(pixels).latent_dist
+                noise = torch.cat([_sample_noise((1, *posterior.mean.shape[1:]), seed, i) for i in ids]).to(device)
+                latents = (posterior.mean + posterior.std * noise) * sf
+            images = to_uint8(teacher.vae.decode(latents.float() / sf).sample) if with_images else None
+        for k, i in enumerate(ids):
+            item = {"latents": latents[k].to(torch.float16).cpu(), "prompt": prompts[k]}
+            if images is not None:
+                item["image"] = images[k].clone()
+            torch.save(item, folder / f".{i:07d}.tmp")
+            os.replace(folder / f".{i:07d}.tmp", folder / f"{i:07d}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        settings = cache_settings(teacher.root, source, resolution=resolution, sampler_steps=sampler_steps,
+                                  guidance_scale=guidance_scale, with_images=with_images, seed=seed)
+        (folder / "meta.json").write_text(json.dumps(settings, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return folder
+
+
+class CachedSamples(torch.utils.data.Dataset):
+    """The teacher cache as a dataset: {"latents": float32, "prompt": str[, "image": float32 in [-1, 1]]}."""
+
+    def __init__(self, folder: Path):
+        self.files = sorted(Path(folder).glob("*.pt"))
+        if not self.files:
+            raise SystemExit(f"The cache {folder} is empty.")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        item = torch.load(self.files[index], weights_only=True)
+        item["latents"] = item["latents"].float()
+        if "image" in item:
+            item["image"] = item["image"].float() / 127.5 - 1
+        return item
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Batches of indices for micro-steps first_micro_step, first_micro_step+1, ...: the stream of
+    indices is a concatenation of seeded permutations of the dataset, and each process takes its slice
+    of every global batch. A batch depends only on (seed, micro-step, rank): resuming at step S
+    continues with exactly the batches an uninterrupted run would have used."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, first_micro_step: int, rank: int = 0, world: int = 1, overfit: bool = False):
+        self.n, self.batch_size, self.seed, self.first, self.rank, self.world, self.overfit = n, batch_size, seed, first_micro_step, rank, world, overfit
+        self._perm_epoch, self._perm = -1, None
+
+    def _index(self, q: int) -> int:
+        epoch = q // self.n
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)).tolist()
+            self._perm_epoch = epoch
+        return self._perm[q % self.n]
+
+    def __iter__(self):
+        micro = self.first
+        while True:
+            base = (0 if self.overfit else micro) * self.batch_size * self.world + self.rank * self.batch_size
+            yield [self._index(base + k) for k in range(self.batch_size)]
+            micro += 1
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {"prompt": [item["prompt"] for item in items], "latents": torch.stack([item["latents"] for item in items])}
+    if "image" in items[0]:
+        batch["image"] = torch.stack([item["image"] for item in items])
+    return batch
+
+
+def make_loader(dataset, batch_size: int, *, seed: int, first_micro_step: int, accelerator, num_workers: int, overfit: bool):
+    """An endless iterator of batches starting at `first_micro_step` (see StepSampler)."""
+    sampler = StepSampler(len(dataset), batch_size, seed=seed, first_micro_step=first_micro_step,
+                          rank=accelerator.process_index, world=accelerator.num_processes, overfit=overfit)
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                                            pin_memory=accelerator.device.type == "cuda"))
+
+
+# --- run plumbing --------------------------------------------------------------------------------
+
+
+def make_accelerator(output_dir: Path, *, mixed_precision: str, grad_accum: int, report_to: str):
+    """Device, mixed precision, gradient accumulation and (under `accelerate launch`) multi-GPU."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if report_to == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise SystemExit("--report_to tensorboard needs TensorBoard: pip install tensorboard (log.csv is always written).")
+    if mixed_precision != "no" and not torch.cuda.is_available():
+        raise SystemExit(f"--mixed_precision {mixed_precision} needs a GPU (bf16 on a CPU is unusably slow here); "
+                         "use --mixed_precision no on a CPU.")
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tensorboard")),
+    )
+
+
+def set_cpu_threads(num_threads: int) -> None:
+    """Set torch's CPU intra-op threads (0 keeps torch's default)."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen teacher parts run in: the autocast dtype, fp32 without mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A CPU generator for one step's noise/timesteps: draws depend on (seed, step, rank) only, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
+
+
+def warmup_then_constant(optimizer, warmup_steps: int):
+    """LR multiplier: linear warm-up over `warmup_steps`, then 1. Stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> torch.nn.Module | None:
+    """A frozen copy of `model` that ema_update keeps as the exponential moving average; None if decay is 0."""
+    return copy.deepcopy(model).requires_grad_(False).eval() if decay > 0 else None
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _complete_checkpoints(output_dir: Path) -> list[Path]:
+    root = Path(output_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if (p / "meta.json").is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: json.loads((p / "meta.json").read_text())["step"])
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, config: dict, keep: int) -> Path:
+    """Save everything needed to resume (models, optimizers, LR scheduler, EMA, RNG states: accelerate's
+    save_state) plus meta.json {step, config}, into a temporary folder renamed into place: a kill leaves
+    either the whole checkpoint or none. Then delete all but the newest `keep` checkpoints."""
+    root = Path(output_dir) / CHECKPOINTS
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process: each writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config,
+                "versions": _versions(), "num_processes": accelerator.num_processes}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in _complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint `--resume` names: 'latest' (None when there is none yet) or a folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        done = _complete_checkpoints(output_dir)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise SystemExit(f"--resume {resume}: not a complete checkpoint (no meta.json). Use --resume latest or a "
+                         f"folder from {Path(output_dir) / CHECKPOINTS}.")
+    return path
+
+
+def load_checkpoint(accelerator, path: Path, config: dict) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns its step. Warns about changed settings."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    accelerator.load_state(str(path))
+    config = json.loads(json.dumps(config, default=str))
+    ignore = {"resume", "max_steps", "stop_after_step", "output_dir", "num_workers", "report_to"}
+    changed = {k: (meta["config"].get(k), v) for k, v in config.items() if k not in ignore and meta["config"].get(k) != v}
+    if changed and accelerator.is_main_process:
+        print(f"warning: resuming with settings that differ from the checkpoint's (was, now): {changed}", file=sys.stderr)
+    return int(meta["step"])
+
+
+def check_fresh_start(output_dir: Path, resume: str | None) -> None:
+    """Refuse to start over on top of an existing run's checkpoints (that would mix two runs)."""
+    if not resume and _complete_checkpoints(output_dir):
+        raise SystemExit(f"{output_dir} already holds checkpoints of a run: pass --resume latest to continue it, "
+                         f"or choose a new --output_dir.")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path):
+    """Yield a temporary sibling folder; on success it replaces `dest` whole."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = dest.with_name(f".old-{dest.name}")
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict:
+    import accelerate
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__}
+
+
+# --- logging -------------------------------------------------------------------------------------
+
+
+class CsvLog:
+    """log.csv: one row per logged step with fixed columns. Rows past `start_step` (left by a killed
+    run after its last checkpoint) are dropped when a run (re)starts, so the file stays one history."""
+
+    def __init__(self, path: Path, columns: list[str], start_step: int, enabled: bool = True):
+        self.path, self.columns, self.enabled = Path(path), ["step", *columns], enabled
+        if not enabled:
+            return
+        rows = []
+        if self.path.is_file():
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, step: int, values: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow({"step": step, **values})
+
+
+class Progress:
+    """A tqdm bar over optimizer steps whose postfix shows running (smoothed) losses."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+        self.running: dict[str, float] = {}
+
+    def update(self, losses: dict[str, float]) -> None:
+        for k, v in losses.items():
+            self.running[k] = v if k not in self.running else 0.9 * self.running[k] + 0.1 * v
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.running.items()}, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def save_image_grid(rows: list[torch.Tensor], path: Path) -> Path:
+    """Save rows of images ((N, 3, H, W) in [-1, 1], same N and size) as one PNG grid."""
+    from PIL import Image
+
+    grid = torch.cat([torch.cat(list(to_uint8(row)), dim=2) for row in rows], dim=1)  # (3, rows*H, N*W)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
+    """loss_curve.png: one panel per loss column of log.csv (raw and smoothed) against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipped loss_curve.png (pip install matplotlib)", file=sys.stderr)
+        return None
+    with Path(csv_path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in (rows[0].keys() if rows else []) if c.startswith("loss")]
+    if not columns:
+        return None
+    fig, axes = plt.subplots(len(columns), 1, figsize=(7, 2.2 * len(columns)), sharex=True, squeeze=False)
+    for ax, column in zip(axes[:, 0], columns):
+        points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column) not in ("", None)]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        window = max(1, len(values) // 20)  # trailing mean over 5% of the run
+        finite = [v if math.isfinite(v) else float("nan") for v in values]
+        smooth = [sum(finite[max(0, i - window + 1) : i + 1]) / len(finite[max(0, i - window + 1) : i + 1]) for i in range(len(finite))]
+        ax.plot(steps, values, color="tab:blue", alpha=0.35, linewidth=1)
+        ax.plot(steps, smooth, color="tab:blue", linewidth=1.6)
+        ax.set_ylabel(column)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def save_sdxs_pipeline(dest: Path, base_root: Path, *, unet=None, tiny_vae=None) -> Path:
+    """Write a pipeline folder in the released SDXS layout (sdxs.build.save_pipeline_folder): the text
+    encoder, tokenizer and (unless given) U-Net of `base_root`; vae/ the tiny decoder (given, or the
+    base's own AutoencoderTiny) with the base's AutoencoderKL in vae_large/, or vae/ the AutoencoderKL
+    when there is no tiny decoder; scheduler/ DEIS on the base's betas (one step lands on t=999).
+    `python -m sdxs generate --model DEST` loads it."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdxs.build import save_pipeline_folder
+
+    base_root = Path(base_root)
+    kl_dir = base_root / "vae_large" if (base_root / "vae_large").is_dir() else base_root / "vae"
+    base_vae_class = json.loads((base_root / "vae" / "config.json").read_text()).get("_class_name")
+    if tiny_vae is None and base_vae_class == "AutoencoderTiny":
+        tiny_vae = AutoencoderTiny.from_pretrained(base_root / "vae")
+    kl = AutoencoderKL.from_pretrained(kl_dir) if json.loads((kl_dir / "config.json").read_text()).get("_class_name") == "AutoencoderKL" else None
+    components = {
+        "scheduler": one_step_scheduler(json.loads((base_root / "scheduler" / "scheduler_config.json").read_text())),
+        "text_encoder": CLIPTextModel.from_pretrained(base_root / "text_encoder"),
+        "unet": unet if unet is not None else UNet2DConditionModel.from_pretrained(base_root / "unet"),
+    }
+    if tiny_vae is not None:
+        components["vae"] = tiny_vae
+        if kl is not None:
+            components["vae_large"] = kl
+    else:
+        components["vae"] = kl
+    with atomic_dir(dest) as tmp:
+        save_pipeline_folder(components, base_root / "tokenizer", tmp)
+    return Path(dest)
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The run's settings as saved next to every checkpoint (JSON types)."""
+    return json.loads(json.dumps(dict(sorted(vars(args).items())), default=str))

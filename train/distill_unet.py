@@ -1,0 +1,446 @@
+#!/usr/bin/env python
+"""SDXS stage B (paper Sec. 3.1, Eqs. 6-8): remove U-Net blocks and distil the teacher into the student.
+
+Tiny run on a CPU (seconds; builds a tiny random SD-style teacher in OUT/tiny-teacher):
+    python train/distill_unet.py --preset smoke --output_dir outputs/unet-smoke
+    python -m sdxs generate --model outputs/unet-smoke/final --decoder large --prompt cat --out cat.png
+Paper scale, 8 GPUs (see train/README.md):
+    accelerate launch --multi_gpu --num_processes 8 train/distill_unet.py --preset paper \\
+        --teacher Lykon/dreamshaper-8 --prompts prompts.txt --output_dir outputs/unet
+Resume a killed run: the same command plus `--resume latest`.
+
+What it does:
+1. Student architecture (derive_student_config), the SDXS recipe applied to any SD-style teacher
+   config: drop the mid block, the last down stage and the first up stage, the transformers of the
+   highest-resolution stage, and one resnet per stage. SD-1.5 gives exactly the SDXS-512-DreamShaper
+   U-Net (315,746,244 parameters), SD-2.1-base 318.7 M (paper Table 3: 319 M).
+2. Student weights (init_student_from_teacher): every kept block is copied from the teacher with an
+   explicit mapping (block_map), BK-SDM style: student down stage i <- teacher down stage i, keeping
+   its first resnets/transformers; student up stage j <- teacher up stage j+1, dropping the
+   second-to-last resnet/transformer, so e.g. student up_blocks.0.resnets.1 <- teacher
+   up_blocks.1.resnets.2; that keeps every skip connection's meaning and shape. The copied, freshly
+   initialised and dropped key sets are computed and asserted.
+3. Loss, no denoising (task) loss: L_KD = L_OKD + lambda_F * L_FKD (Eq. 8): output KD, MSE between
+   student and teacher eps on the same x_t, t (Eq. 6), plus feature KD, MSE at the output of every
+   down/up block, matched by the mapping and read with forward hooks (Eq. 7). x_t: cached teacher
+   latents (from the teacher's sampler on prompts, or encoded images) noised at uniform t.
+Output: OUTPUT_DIR/final, a pipeline folder in the released SDXS layout (student unet/, the teacher's
+text encoder and tokenizer, DEIS scheduler; vae/ = --tiny_decoder with the teacher's AutoencoderKL in
+vae_large/, or vae/ = the teacher's AutoencoderKL without one). Stage C (one-step training) starts
+from it; until then the student is a multi-step model, so one-step images from it are blurry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from train import common
+
+# Values: [paper] from the SDXS paper; [BK-SDM] from BK-SDM (Kim et al. 2023), which SDXS follows for
+# this stage; [ours] our choice (the paper gives none). See train/README.md.
+PRESETS = {
+    "smoke": dict(
+        resolution=64, num_samples=8, sampler_steps=2, guidance_scale=2.0,
+        batch_size=4, grad_accum=1, lr=1e-3, lr_warmup_steps=0, mixed_precision="no", gradient_checkpointing=False,
+        num_threads=1, ema_decay=0.9, max_steps=30, checkpoint_every=10, keep_checkpoints=2, log_every=1, sample_every=10,
+        lambda_feat=1.0, caption_dropout=0.1, sample_steps=2, sample_guidance=2.0,
+    ),
+    "paper": dict(
+        resolution=512,  # [paper] SDXS-512
+        num_samples=0,  # all prompts given
+        sampler_steps=25, guidance_scale=7.5,  # [ours] teacher sampler for the latents
+        batch_size=32, grad_accum=4,  # [paper] global batch 1024 (of 1024-2048) = 32 x 4 x 8 GPUs
+        lr=5e-5, lr_warmup_steps=500,  # [BK-SDM] lr 5e-5; [ours] warm-up
+        mixed_precision="bf16", gradient_checkpointing=True, num_threads=0, ema_decay=0.999,  # [ours]
+        max_steps=20_000, checkpoint_every=1000, keep_checkpoints=3, log_every=10, sample_every=500,  # [ours]
+        lambda_feat=1.0,  # [BK-SDM] lambda_OutKD = lambda_FeatKD = 1
+        caption_dropout=0.1,  # [ours] as in SD training, keeps the unconditional branch alive for CFG
+        sample_steps=25, sample_guidance=7.5,  # [ours] sample grids
+    ),
+}
+LOSSES = ["loss", "loss_out", "loss_feat"]
+
+# --- the SDXS recipe (student config, weight mapping, feature pairs) -------------------------------
+
+# Per-stage settings listed in down-block order; the student keeps the first n-1 stages' values.
+_PER_STAGE = ("block_out_channels", "down_block_types", "layers_per_block", "attention_head_dim", "num_attention_heads",
+              "only_cross_attention", "transformer_layers_per_block", "cross_attention_dim")
+
+
+def derive_student_config(teacher_config: dict) -> dict:
+    """The SDXS student U-Net config of an SD-style teacher config (UNet2DConditionModel kwargs):
+    no mid block, the last down stage and the first up stage removed, plain (transformer-free) blocks
+    at the highest resolution, and one resnet fewer per stage."""
+    config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    n = len(config["down_block_types"])
+    if n < 3 or len(config["up_block_types"]) != n:
+        raise ValueError(f"Expected an SD-style U-Net with matching down/up stages (>= 3); got {config['down_block_types']}.")
+    for key in _PER_STAGE:
+        if isinstance(config.get(key), (list, tuple)):
+            config[key] = tuple(config[key])[: n - 1]
+    config["up_block_types"] = tuple(config["up_block_types"])[1:]
+    if config.get("reverse_transformer_layers_per_block") is not None:  # listed in up-block order
+        config["reverse_transformer_layers_per_block"] = tuple(config["reverse_transformer_layers_per_block"])[1:]
+    layers = config.get("layers_per_block", 2)
+    config["layers_per_block"] = tuple(k - 1 for k in layers) if isinstance(layers, tuple) else layers - 1
+    if min(_per_stage(config["layers_per_block"], n - 1)) < 1:
+        raise ValueError("The teacher has one resnet per stage; the recipe removes one, leaving none.")
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    down[0], up[-1] = down[0].replace("CrossAttn", ""), up[-1].replace("CrossAttn", "")  # highest resolution: no transformers
+    config["down_block_types"], config["up_block_types"] = tuple(down), tuple(up)
+    config["mid_block_type"] = None
+    return config
+
+
+def _per_stage(value, n: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def block_map(teacher_config: dict) -> dict[str, str]:
+    """Student module -> teacher module, for every block the student keeps (n = teacher stages, L_i its
+    resnets per down stage i; the teacher's up stage of down stage i has L_i + 1 resnets):
+      down_blocks.i.{resnets,attentions}.k  <- teacher down_blocks.i.{..}.k       for k < L_i - 1
+      down_blocks.i.downsamplers.0          <- teacher down_blocks.i.downsamplers.0   (i < n - 2)
+      up_blocks.j.{resnets,attentions}.k    <- teacher up_blocks.(j+1).{..}.k      for k < L - 1
+      up_blocks.j.{resnets,attentions}.L-1  <- teacher up_blocks.(j+1).{..}.L      (skip from the stage below)
+      up_blocks.j.upsamplers.0              <- teacher up_blocks.(j+1).upsamplers.0   (j < n - 2)
+    Modules outside the blocks (conv_in, time_embedding, conv_norm_out, conv_out, ...) keep their names."""
+    n = len(teacher_config["down_block_types"])
+    layers = _per_stage(teacher_config.get("layers_per_block", 2), n)
+    student = derive_student_config(teacher_config)
+    mapping = {}
+    for i in range(n - 1):
+        kinds = ["resnets", "attentions"] if "CrossAttn" in student["down_block_types"][i] else ["resnets"]
+        for kind in kinds:
+            for k in range(layers[i] - 1):
+                mapping[f"down_blocks.{i}.{kind}.{k}"] = f"down_blocks.{i}.{kind}.{k}"
+        if i < n - 2:
+            mapping[f"down_blocks.{i}.downsamplers.0"] = f"down_blocks.{i}.downsamplers.0"
+    for j in range(n - 1):
+        m = layers[n - 2 - j]  # the student's up block j has m resnets, its teacher block m + 1
+        kinds = ["resnets", "attentions"] if "CrossAttn" in student["up_block_types"][j] else ["resnets"]
+        for kind in kinds:
+            for k in range(m):
+                mapping[f"up_blocks.{j}.{kind}.{k}"] = f"up_blocks.{j + 1}.{kind}.{k if k < m - 1 else m}"
+        if j < n - 2:
+            mapping[f"up_blocks.{j}.upsamplers.0"] = f"up_blocks.{j + 1}.upsamplers.0"
+    return mapping
+
+
+def removed_prefixes(teacher_config: dict) -> list[str]:
+    """Teacher modules the recipe removes, by name prefix: what must NOT be copied."""
+    n = len(teacher_config["down_block_types"])
+    layers = _per_stage(teacher_config.get("layers_per_block", 2), n)
+    removed = ["mid_block.", f"down_blocks.{n - 1}.", "up_blocks.0.", f"down_blocks.{n - 2}.downsamplers.",
+               "down_blocks.0.attentions.", f"up_blocks.{n - 1}.attentions."]
+    for i in range(n - 1):
+        removed += [f"down_blocks.{i}.resnets.{layers[i] - 1}.", f"down_blocks.{i}.attentions.{layers[i] - 1}."]
+        m = layers[n - 2 - i]
+        removed += [f"up_blocks.{i + 1}.resnets.{m - 1}.", f"up_blocks.{i + 1}.attentions.{m - 1}."]
+    return removed
+
+
+@dataclass
+class StudentInit:
+    """How the student's weights were set: copied from the teacher, freshly initialised, or dropped."""
+
+    copied: dict[str, str]  # student key -> teacher key
+    new: set[str]  # student keys with no teacher counterpart of the same shape
+    dropped: set[str]  # teacher keys the recipe removes
+
+
+def plan_student_init(teacher_config: dict, teacher_shapes: dict[str, torch.Size], student_shapes: dict[str, torch.Size]) -> StudentInit:
+    """Map every student weight to its teacher weight by block_map; assert that each teacher weight is
+    either copied or removed by the recipe (never both, never neither). Works on shapes alone, so the
+    full-size check runs on meta-device models."""
+    prefixes = block_map(teacher_config)
+    copied, new = {}, set()
+    for key, shape in student_shapes.items():
+        parts = key.split(".")
+        if parts[0] in ("down_blocks", "up_blocks"):
+            prefix = ".".join(parts[:4])
+            teacher_key = f"{prefixes[prefix]}.{'.'.join(parts[4:])}" if prefix in prefixes else None
+        else:
+            teacher_key = key
+        if teacher_key in teacher_shapes and teacher_shapes[teacher_key] == shape:
+            copied[key] = teacher_key
+        else:
+            new.add(key)
+    dropped = set(teacher_shapes) - set(copied.values())
+    removed = tuple(removed_prefixes(teacher_config))
+    assert len(set(copied.values())) == len(copied), "two student weights copied from one teacher weight"
+    wrongly_copied = sorted(k for k in copied.values() if k.startswith(removed))
+    assert not wrongly_copied, f"copied weights of blocks the recipe removes: {wrongly_copied[:5]}"
+    unexplained = sorted(k for k in dropped if not k.startswith(removed))
+    assert not unexplained, f"teacher weights neither copied nor removed by the recipe: {unexplained[:5]}"
+    return StudentInit(copied, new, dropped)
+
+
+def init_student_from_teacher(teacher_unet):
+    """Build the student U-Net from the teacher's config and copy the teacher's weights into it
+    (plan_student_init); asserts that exactly the planned keys were loaded. Returns (student, plan)."""
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel(**derive_student_config(teacher_unet.config))
+    teacher_state = teacher_unet.state_dict()
+    plan = plan_student_init(teacher_unet.config, {k: v.shape for k, v in teacher_state.items()},
+                             {k: v.shape for k, v in student.state_dict().items()})
+    missing, unexpected = student.load_state_dict({s: teacher_state[t] for s, t in plan.copied.items()}, strict=False)
+    assert set(missing) == plan.new and not unexpected, (sorted(set(missing) ^ plan.new)[:5], unexpected[:5])
+    return student, plan
+
+
+def feature_pairs(teacher_config: dict) -> list[tuple[str, str, str]]:
+    """(student block, teacher block, what to read from the teacher block) for feature KD: every down and
+    up block of the student. A block's output is its hidden state; the student's last down stage has no
+    downsampler while its teacher stage has one, so there the teacher's state BEFORE its downsampler is
+    read ("pre_downsample") to match resolution and meaning."""
+    n = len(teacher_config["down_block_types"])
+    pairs = [(f"down_blocks.{i}", f"down_blocks.{i}", "pre_downsample" if i == n - 2 else "out") for i in range(n - 1)]
+    return pairs + [(f"up_blocks.{j}", f"up_blocks.{j + 1}", "out") for j in range(n - 1)]
+
+
+class BlockOutputs:
+    """Forward hooks that record named blocks' outputs, only inside `capture()`."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list[tuple[str, str]]):
+        self.features: dict[str, torch.Tensor] = {}
+        self._active = False
+        for name, take in blocks:
+            model.get_submodule(name).register_forward_hook(partial(self._record, name, take))
+
+    def _record(self, name, take, module, inputs, output):
+        if self._active:
+            # down blocks return (hidden, output_states); output_states[-2] precedes the downsampler
+            self.features[name] = output[1][-2] if take == "pre_downsample" else output[0] if isinstance(output, tuple) else output
+
+    @contextlib.contextmanager
+    def capture(self):
+        self.features, self._active = {}, True
+        try:
+            yield self.features
+        finally:
+            self._active = False
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def output_kd_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:
+    """Eq. 6, L_OKD: || eps_student(x_t, t) - eps_teacher(x_t, t) ||^2 (mean squared error)."""
+    return F.mse_loss(student_eps.float(), teacher_eps.float())
+
+
+def feature_kd_loss(student_features: dict, teacher_features: dict, pairs: list[tuple[str, str, str]]) -> torch.Tensor:
+    """Eq. 7, L_FKD: sum over every down/up block l of || f_l^student - f_l^teacher ||^2 (MSE each)."""
+    return sum(F.mse_loss(student_features[s].float(), teacher_features[t].float()) for s, t, _ in pairs)
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train/distill_unet.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+
+    kd = parser.add_argument_group("knowledge distillation (Eqs. 6-8)")
+    kd.add_argument("--lambda_feat", type=float, help="lambda_F, weight of the feature KD loss (Eq. 8) (preset)")
+    kd.add_argument("--caption_dropout", type=float, help="probability of training on the empty prompt instead of the caption (preset)")
+
+    out = parser.add_argument_group("samples and output")
+    out.add_argument("--sample_steps", type=int, help="sampler steps (DPM-Solver++) of the teacher/student sample grids (preset)")
+    out.add_argument("--sample_guidance", type=float, help="CFG scale of the sample grids (preset)")
+    out.add_argument("--tiny_decoder", default=None,
+                     help="an AutoencoderTiny folder (e.g. stage A's OUTPUT_DIR/final/vae) to ship as vae/ in the final pipeline, "
+                          "with the teacher's AutoencoderKL in vae_large/ (default: vae/ is the teacher's AutoencoderKL; generate "
+                          "with --decoder large)")
+    return parser
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = common.parse_args(build_parser(), PRESETS, argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    common.check_fresh_start(output_dir, args.resume)
+    accelerator = common.make_accelerator(output_dir, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
+                                          report_to=args.report_to)
+    common.quiet_libraries()
+    common.set_cpu_threads(args.num_threads)
+    config, main_process, device = common.run_config(args), accelerator.is_main_process, accelerator.device
+    torch.manual_seed(args.seed)
+
+    # --- teacher, student, data ----------------------------------------------------------------------
+    from diffusers import AutoencoderTiny, DDPMScheduler
+
+    from sdxs.loading import resolve_model_dir
+
+    tiny_dir = resolve_model_dir(args.tiny_decoder, subfolders_with_weights=("",)) if args.tiny_decoder else None  # fail early
+    teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
+    teacher = common.load_teacher(teacher_id, device, torch.float32)  # fp32 first: the student copies exact weights
+    student, plan = init_student_from_teacher(teacher.unet)
+    if main_process:
+        n_params = sum(p.numel() for p in student.parameters())
+        print(f"Student U-Net: {n_params:,} parameters; {len(plan.copied)} tensors copied from the teacher, "
+              f"{len(plan.new)} new{': ' + ', '.join(sorted(plan.new)) if plan.new else ''}; {len(plan.dropped)} teacher tensors dropped.",
+              file=sys.stderr)
+    dtype = common.weight_dtype(args.mixed_precision)
+    teacher.unet.to(dtype)
+    teacher.text_encoder.to(dtype)
+    source = common.read_sources(args.prompts, args.image_folder, args.caption_column, args.latents, args.num_samples,
+                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None)
+    cache = common.cache_folder(args.cache_dir or output_dir / "cache", teacher.root, source, resolution=args.resolution,
+                                sampler_steps=args.sampler_steps, guidance_scale=args.guidance_scale, with_images=False, seed=args.seed)
+    common.build_latent_cache(teacher, source, cache, resolution=args.resolution, sampler_steps=args.sampler_steps,
+                              guidance_scale=args.guidance_scale, with_images=False, seed=args.seed,
+                              batch_size=args.cache_batch_size, accelerator=accelerator)
+    dataset = common.CachedSamples(cache)
+    noise_scheduler = DDPMScheduler.from_config(teacher.scheduler_config)  # the teacher's betas, for x_t
+
+    # --- optimizer, accelerate, hooks ------------------------------------------------------------
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    student.train()
+    ema = common.make_ema(student, args.ema_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    lr_schedule = common.warmup_then_constant(optimizer, args.lr_warmup_steps)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(lr_schedule)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+        ema.to(device)
+    raw_student = accelerator.unwrap_model(student)
+    pairs = feature_pairs(teacher.unet.config)
+    student_hooks = BlockOutputs(raw_student, [(s, "out") for s, _, _ in pairs])
+    teacher_hooks = BlockOutputs(teacher.unet, [(t, take) for _, t, take in pairs])
+
+    start_step = 0
+    checkpoint = common.find_checkpoint(output_dir, args.resume)
+    if checkpoint is not None:
+        start_step = common.load_checkpoint(accelerator, checkpoint, config)
+        if main_process:
+            print(f"Resumed from {checkpoint} at step {start_step}.", file=sys.stderr)
+    elif args.resume and main_process:
+        print(f"--resume {args.resume}: no checkpoint yet in {output_dir}; starting a new run.", file=sys.stderr)
+
+    batches = common.make_loader(dataset, args.batch_size, seed=args.seed, first_micro_step=start_step * args.grad_accum,
+                                 accelerator=accelerator, num_workers=args.num_workers, overfit=args.overfit_batch)
+    log = common.CsvLog(output_dir / "log.csv", ["lr", "samples_per_s", *LOSSES], start_step, enabled=main_process)
+    if args.report_to != "none":
+        accelerator.init_trackers("distill_unet", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+    progress = common.Progress(args.max_steps, start_step, "stage B U-Net", enabled=accelerator.is_local_main_process)
+
+    val_prompts = [dataset[i % len(dataset)]["prompt"] for i in range(args.num_sample_images)]
+    side = args.resolution // 8
+    val_noise = torch.randn(len(val_prompts), 4, side, side, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    teacher_row = []  # the teacher's samples never change: computed once
+
+    @torch.no_grad()
+    def sample_grid(step: int) -> None:
+        """Rows: teacher samples, student samples (EMA when on): same prompts, noise and sampler."""
+        cond = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, val_prompts)
+        uncond = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, [""]).expand(len(val_prompts), -1, -1)
+        sf = teacher.vae.config.scaling_factor
+
+        def images(unet):
+            with accelerator.autocast():
+                latents = common.sample_latents(unet, teacher.scheduler_config, cond, uncond, val_noise, args.sample_steps, args.sample_guidance)
+            return teacher.vae.decode(latents.float() / sf).sample
+
+        if not teacher_row:
+            teacher_row.append(images(teacher.unet))
+        model = ema if ema is not None else raw_student
+        model.eval()
+        rows = [teacher_row[0], images(model)]
+        model.train()
+        common.save_image_grid(rows, output_dir / "samples" / f"step-{step:07d}.png")
+
+    # --- loop --------------------------------------------------------------------------------------
+    tick, seen = time.perf_counter(), 0
+    for step in range(start_step + 1, args.max_steps + 1):
+        sums = dict.fromkeys(LOSSES, 0.0)
+        for micro in range(args.grad_accum):
+            batch = next(batches)
+            gen = common.step_generator(args.seed, 0 if args.overfit_batch else step * args.grad_accum + micro, accelerator.process_index)
+            z0 = batch["latents"].to(device)
+            drop = torch.rand(len(z0), generator=gen) < args.caption_dropout
+            prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
+            noise = torch.randn(z0.shape, generator=gen).to(device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=gen).to(device)  # uniform t
+            x_t = noise_scheduler.add_noise(z0, noise, t)
+            states = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
+            with accelerator.accumulate(student):
+                with torch.no_grad(), teacher_hooks.capture():
+                    teacher_eps = teacher.unet(x_t.to(dtype), t, encoder_hidden_states=states).sample
+                with student_hooks.capture():
+                    student_eps = student(x_t, t, encoder_hidden_states=states).sample
+                loss_out = output_kd_loss(student_eps, teacher_eps)  # Eq. 6
+                loss_feat = feature_kd_loss(student_hooks.features, teacher_hooks.features, pairs)  # Eq. 7
+                loss = loss_out + args.lambda_feat * loss_feat  # Eq. 8, no denoising loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in zip(LOSSES, (loss, loss_out, loss_feat)):
+                sums[k] += v.detach().float().item() / args.grad_accum
+            seen += len(z0) * accelerator.num_processes
+        lr_schedule.step()
+        if ema is not None:
+            common.ema_update(ema, raw_student, args.ema_decay)
+
+        progress.update({"loss": sums["loss"], "out": sums["loss_out"], "feat": sums["loss_feat"]})
+        if step % args.log_every == 0 or step == args.max_steps:
+            values = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in sums.items()}
+            elapsed = time.perf_counter() - tick
+            row = {"lr": lr_schedule.get_last_lr()[0], "samples_per_s": seen / max(elapsed, 1e-9), **values}
+            log.write(step, row)
+            if args.report_to != "none":
+                accelerator.log(row, step=step)
+            tick, seen = time.perf_counter(), 0
+        if main_process and args.sample_every and step % args.sample_every == 0:
+            sample_grid(step)
+        if step % args.checkpoint_every == 0:
+            common.save_checkpoint(accelerator, output_dir, step, config, args.keep_checkpoints)
+        if args.stop_after_step is not None and step == args.stop_after_step:
+            progress.close()
+            if main_process:
+                print(f"Stopped after step {step} (--stop_after_step), without a final save; continue with --resume latest.",
+                      file=sys.stderr)
+            return 0
+    progress.close()
+
+    # --- final save ----------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if main_process:
+        sample_grid(args.max_steps)
+        common.plot_loss_curve(output_dir / "log.csv", output_dir / "loss_curve.png")
+        unet = (ema if ema is not None else raw_student).to("cpu").eval()
+        tiny = AutoencoderTiny.from_pretrained(tiny_dir) if tiny_dir else None
+        common.save_sdxs_pipeline(output_dir / "final", teacher.root, unet=unet, tiny_vae=tiny)
+        print(f"Student pipeline saved to {output_dir / 'final'}", file=sys.stderr)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    from sdxs.loading import ModelNotFoundError
+
+    try:
+        sys.exit(main())
+    except ModelNotFoundError as err:  # a teacher/decoder that is neither a folder nor fetchable: say what to do
+        sys.exit(f"error: {err}")
