@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 ROWS = {
-    "upstream": "(a) upstream demo: diffusers StableDiffusionPipeline, `pipe.to()` + VAE swap per request",
+    "upstream": "(a) upstream demo: diffusers pipeline, `pipe.to()` + VAE swap per request",
     "torch": "(b) this engine, PyTorch eager",
     "openvino": "(c) this engine, OpenVINO fp32 (static shapes)",
     "openvino-bf16": "(c) this engine, OpenVINO bf16 (option; CPUs with native bf16)",
@@ -61,7 +61,7 @@ def _build_engine(model: str, row: str, device: str, dtype: str | None):
         components = Components(
             tokenizer=CLIPTokenizer.from_pretrained(cached_clip_tokenizer_dir()),
             text_encoder=built["text_encoder"], unet=built["unet"], scheduler_config=dict(built["scheduler"].config),
-            decoders={"tiny": built["vae"], "large": built["vae_large"]}, source=model,
+            decoders={"tiny": built["vae"], "large": built["vae_large"]}, source=model, controlnet=built.get("controlnet"),
         )
     else:
         components = load_components(model, dev, dt)
@@ -69,11 +69,23 @@ def _build_engine(model: str, row: str, device: str, dtype: str | None):
     return SDXSEngine(components, dev, dt, backend)
 
 
-def _upstream_call(engine, pipe, noise):
-    """What the upstream demo does per request: swap the VAE, move/cast the pipeline, run 1 step."""
+def bench_sketch():
+    """A fixed line drawing for the sketch rows."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (512, 512), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([96, 96, 416, 416], outline="black", width=8)
+    draw.line([(160, 300), (352, 300)], fill="black", width=8)
+    return image
+
+
+def _upstream_call(engine, pipe, noise, sketch=None):
+    """What the upstream demos do per request: swap the VAE, move/cast the pipeline, run 1 step."""
     pipe.vae = engine.torch_components.decoders["tiny"]
     pipe.to(torch_device=engine.device, torch_dtype=engine.dtype)
-    return pipe(prompt=[PROMPT] * noise.shape[0], guidance_scale=0.0, num_inference_steps=1, latents=noise, output_type="pil").images
+    extra = {} if sketch is None else dict(image=sketch, controlnet_conditioning_scale=0.8, width=512, height=512)
+    return pipe(prompt=[PROMPT] * noise.shape[0], guidance_scale=0.0, num_inference_steps=1, latents=noise, output_type="pil", **extra).images
 
 
 def _stage_timer(modules: dict):
@@ -103,27 +115,37 @@ def _stage_timer(modules: dict):
 def run_worker(args) -> dict:
     torch.manual_seed(0)
     engine = _build_engine(args.model, args.worker, args.device, args.dtype)
+    sketch = bench_sketch() if args.mode == "sketch" else None
     if args.worker == "upstream":
-        from diffusers import DEISMultistepScheduler, StableDiffusionPipeline
+        from diffusers import DEISMultistepScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
         tc = engine.torch_components
-        pipe = StableDiffusionPipeline(
+        parts = dict(
             vae=tc.decoders["tiny"], text_encoder=tc.text_encoder, tokenizer=tc.tokenizer, unet=tc.unet,
             scheduler=DEISMultistepScheduler.from_config(tc.scheduler_config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
         )
+        pipe = StableDiffusionControlNetPipeline(controlnet=tc.controlnet, **parts) if sketch else StableDiffusionPipeline(**parts)
         pipe.set_progress_bar_config(disable=True)
-        stage_times = _stage_timer({"text_encoder": tc.text_encoder, "unet": tc.unet, "decoder": tc.decoders["tiny"].decoder})
+        stage_modules = {"text_encoder": tc.text_encoder, "unet": tc.unet, "decoder": tc.decoders["tiny"].decoder}
+        stage_times = _stage_timer(stage_modules)
+        control_times = _stage_timer({"controlnet": tc.controlnet}) if sketch else {"controlnet": 0.0}
 
         def generate(batch):
-            for key in ("text_encoder", "unet", "decoder"):
+            for key in stage_modules:
                 stage_times[key] = 0.0
+            control_times["controlnet"] = 0.0
             start = time.perf_counter()
-            images = _upstream_call(engine, pipe, engine.initial_noise(list(range(batch)), 512, 512))
-            return images, dict(stage_times, total=time.perf_counter() - start)
+            images = _upstream_call(engine, pipe, engine.initial_noise(list(range(batch)), 512, 512), sketch)
+            times = dict(stage_times, total=time.perf_counter() - start)
+            times["unet"] += control_times["controlnet"]  # the engine counts the ControlNet in its U-Net stage
+            return images, times
     else:
         def generate(batch):
-            result = engine.text_to_image(PROMPT, seed=0, num_images=batch)
+            if sketch is not None:
+                result = engine.sketch_to_image(sketch, PROMPT, seed=0, num_images=batch, control_strength=0.8)
+            else:
+                result = engine.text_to_image(PROMPT, seed=0, num_images=batch)
             return result.images, result.timings
 
     start = time.perf_counter()
@@ -169,26 +191,30 @@ def matmul_peak_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / min(times[2:]) / 1e9
 
 
-def unet_gflop_per_image(model: str) -> float:
+def unet_gflop_per_image(model: str, with_controlnet: bool = False) -> float:
+    """FLOPs of one batch-1 U-Net call at 512x512 (plus the ControlNet's in sketch mode)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdxs.registry import MODELS
 
     if model in MODELS:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel(**MODELS[model].architecture.unet).eval()
+        architecture = MODELS[model].architecture
+        unet = UNet2DConditionModel(**architecture.unet).eval()
+        controlnet = ControlNetModel(**architecture.controlnet).eval() if with_controlnet else None
     else:
-        from diffusers import UNet2DConditionModel
-
         from sdxs.loading import resolve_model_dir
 
-        unet = UNet2DConditionModel.from_pretrained(resolve_model_dir(model) / "unet").eval()
+        root = resolve_model_dir(model)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
+        controlnet = ControlNetModel.from_pretrained(root / "controlnet").eval() if with_controlnet else None
     size = unet.config.sample_size
     sample = torch.randn(1, unet.config.in_channels, size, size)
     text = torch.randn(1, 77, unet.config.cross_attention_dim)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(sample, torch.tensor([999]), encoder_hidden_states=text)
+        if controlnet is not None:
+            controlnet(sample, torch.tensor([999]), encoder_hidden_states=text, controlnet_cond=torch.rand(1, 3, size * 8, size * 8))
     return counter.get_total_flops() / 1e9
 
 
@@ -224,17 +250,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def markdown(report: dict) -> str:
     rows, batch = report["rows"], report["batch"]
+    unet_label = "U-Net + ControlNet" if report["mode"] == "sketch" else "U-Net"
     ref = rows.get("upstream")
     lines = [
         f"Command: `{report['command']}`  ",
-        f"Date: {report['date']}; model: `{report['model']}` (exact architecture, random weights unless a folder); "
+        f"Date: {report['date']}; model: `{report['model']}` (exact architecture, random weights unless a folder), {report['mode']}-to-image; "
         f"device: {report['device']}; runs: {report['runs']} after one warm-up.  ",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores ({report['machine']['torch_threads']} torch threads), "
         f"features {', '.join(report['machine']['cpu_features']) or 'none'}; torch {report['machine']['torch']}"
         + (f", OpenVINO {report['machine']['openvino']}" if "openvino" in report["machine"] else "") + ".  ",
-        f"fp32 matmul peak measured in this run: {report['matmul_peak_gflops']:.0f} GFLOP/s; U-Net: {report['unet_gflop']:.0f} GFLOP per image.",
+        f"fp32 matmul peak measured in this run: {report['matmul_peak_gflops']:.0f} GFLOP/s; {unet_label}: {report['unet_gflop']:.0f} GFLOP per image.",
         "",
-        f"| row | text enc. | U-Net | decoder | end-to-end (median, min-max) | vs (a) | img/s b1 | img/s b{batch} | first call | peak RSS | U-Net GFLOP/s (% peak) | image vs fp32 engine |",
+        f"| row | text enc. | {unet_label} | decoder | end-to-end (median, min-max) | vs (a) | img/s b1 | img/s b{batch} | first call | peak RSS | {unet_label} GFLOP/s (% peak) | image vs fp32 engine |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
@@ -267,21 +294,21 @@ def run_parent(args) -> dict:
     report = {
         "command": "python -m sdxs.bench " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
-        "model": args.model, "device": args.device, "runs": args.runs, "batch": args.batch,
+        "model": args.model, "mode": args.mode, "device": args.device, "runs": args.runs, "batch": args.batch,
         "machine": machine_description(),
         "matmul_peak_gflops": matmul_peak_gflops(args.device),
-        "unet_gflop": unet_gflop_per_image(args.model),
+        "unet_gflop": unet_gflop_per_image(args.model, with_controlnet=args.mode == "sketch"),
         "rows": {},
     }
     if args.model in MODELS:
         counts = count_parameters(args.model)
-        report["fp32_weights_bytes"] = 4 * (counts["text_encoder"] + counts["unet"] + counts["vae_decoder"] + counts["vae_encoder"] + counts["vae_large"])
+        report["fp32_weights_bytes"] = 4 * (counts["text_encoder"] + counts["unet"] + counts["vae_decoder"] + counts["vae_encoder"] + counts["vae_large"] + counts.get("controlnet", 0))
     else:
         report["fp32_weights_bytes"] = sum(p.stat().st_size for p in Path(args.model).rglob("*.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
             out = Path(tmp) / f"{row}.json"
-            cmd = [sys.executable, "-m", "sdxs.bench", "--worker", row, "--json-out", str(out), "--model", args.model,
+            cmd = [sys.executable, "-m", "sdxs.bench", "--worker", row, "--json-out", str(out), "--model", args.model, "--mode", args.mode,
                    "--device", args.device, "--runs", str(args.runs), "--batch", str(args.batch)] + (["--dtype", args.dtype] if args.dtype else [])
             print(f"[bench] {row} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -307,6 +334,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdxs.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="IDKiro/sdxs-512-dreamshaper", help="known id (built with random weights) or a local folder")
     parser.add_argument("--rows", default=None, help=f"comma-separated rows from: {', '.join(ROWS)} (default: all that fit the device)")
+    parser.add_argument("--mode", default="text", choices=["text", "sketch"], help="text-to-image, or sketch-to-image through the ControlNet (use --model IDKiro/sdxs-512-dreamshaper-sketch)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per row after the warm-up (default 5)")
