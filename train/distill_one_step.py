@@ -1,0 +1,767 @@
+#!/usr/bin/env python
+"""SDXS stage C (paper Sec. 3.2, Eqs. 10-12): turn a multi-step student into a one-step generator.
+
+Tiny run on a CPU (seconds; builds a tiny random teacher in OUT/tiny-teacher and derives the student
+from it with stage B's recipe):
+    python train/distill_one_step.py --preset smoke --output_dir outputs/one-step-smoke
+    python -m sdxs generate --model outputs/one-step-smoke/final --decoder large --prompt cat --width 64 --height 64
+Paper scale, 8 GPUs (see train/README.md):
+    accelerate launch --multi_gpu --num_processes 8 train/distill_one_step.py --preset paper \\
+        --teacher Lykon/dreamshaper-8 --student outputs/unet/final --prompts prompts.txt --output_dir outputs/one-step
+Resume a killed run: the same command plus `--resume latest`.
+
+What it does, per optimizer step of the student G (the one-step generator x0 = G(eps, c), one U-Net
+call at t=999, exactly the update the `sdxs` engine runs):
+1. Teacher trajectories: psi(eps) = a few-step ODE sampler of the teacher (--psi_scheduler,
+   --sampler_steps, --guidance_scale; an LCM/Turbo-style straightened teacher via --psi_teacher) run
+   from the SAME noise eps as the student. Pairs (eps, psi(eps)) are cached once (--pairs cache) or
+   computed each step (--pairs online).
+2. Feature-matching warm-up (Eq. 10): for --fm_warmup_steps steps the student's loss is L_FM alone:
+   sum_l w_l * (1 - SSIM(f_l(G(eps)), f_l(psi(eps)))) over layers l of a frozen encoder f (--fm_encoder:
+   the teacher U-Net's own down blocks on latents (default, no download), VGG-16 or DINOv2 on decoded
+   images when their weights are given locally).
+3. Segmented score distillation (Eqs. 11-12): an online ("fake score") U-Net, initialised from the
+   offline (frozen teacher) U-Net, learns the student's output distribution with the standard denoising
+   loss (--online_updates_per_step updates per student update: Diff-Instruct 1, DMD2 10). Each student
+   sample draws a t; for t <= alpha*T it gets the gradient w(t) * (s_online(x_t) - s_offline(x_t)) through
+   x_t (a surrogate loss), for t > alpha*T the gradient lambda_FM * dL_FM. alpha and lambda_FM decrease
+   linearly from --alpha_start / --lambda_fm_start to --alpha_end / --lambda_fm_end.
+Not implemented: the paper's optional last phase (a short GAN finetune through a very-low-rank LoRA).
+Output: OUTPUT_DIR/final, a pipeline folder in the released SDXS layout that `sdxs` runs in one step at
+t=999 (the student's unet/; text encoder, tokenizer and decoders of the --student folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from train import common
+
+# Values: [paper] the SDXS paper; [DMD2] Yin et al. 2024, the public scheme the SDXS authors call
+# identical to theirs; [Diff-Instruct] Luo et al. 2023; [ours] our choice (the paper gives none).
+PRESETS = {
+    "smoke": dict(
+        resolution=64, num_samples=8, sampler_steps=2, guidance_scale=2.0,
+        batch_size=4, grad_accum=1, lr=1e-4, lr_warmup_steps=0, mixed_precision="no", gradient_checkpointing=False,
+        num_threads=1, ema_decay=0.9, max_steps=20, checkpoint_every=5, keep_checkpoints=2, log_every=1, sample_every=10,
+        psi_scheduler="dpmsolver++", pairs="cache", fm_encoder="unet", fm_layers="0,1,2", fm_weights="1,1,1",
+        fm_timestep=10, fm_ssim_window=7, fm_warmup_steps=4,
+        online_lr=1e-4, online_updates_per_step=1, real_guidance=1.75, t_range="0.02,0.98", sd_weighting="dmd2",
+        alpha_start=0.9, alpha_end=0.5, lambda_fm_start=1.0, lambda_fm_end=0.25, schedule_steps=10,
+    ),
+    "paper": dict(
+        resolution=512,  # [paper] SDXS-512
+        num_samples=0,  # all prompts given
+        sampler_steps=4, guidance_scale=1.0,  # [ours] psi: 4 steps of a straightened (LCM) teacher, which needs no CFG
+        batch_size=32, grad_accum=4,  # [paper] global batch 1024 (of 1024-2048) = 32 x 4 x 8 GPUs
+        lr=1e-5, lr_warmup_steps=500,  # [DMD2] generator lr 1e-5 (SD-1.5); [ours] warm-up
+        mixed_precision="bf16", gradient_checkpointing=True, num_threads=0, ema_decay=0.999,  # [ours]
+        max_steps=20_000, checkpoint_every=500, keep_checkpoints=3, log_every=10, sample_every=500,  # [ours]
+        psi_scheduler="lcm",  # [paper] a trajectory-straightened teacher (pass an LCM-merged --psi_teacher)
+        pairs="cache",  # [DMD2] a fixed set of noise/image pairs, generated once
+        fm_encoder="unet", fm_layers="0,1,2", fm_weights="1,1,1",  # [paper] U-Net encoder "works"; [ours] layers, weights
+        fm_timestep=10, fm_ssim_window=7,  # [ours]
+        fm_warmup_steps=1000,  # [ours] "a short warmup"
+        online_lr=1e-5,  # [DMD2] fake-score lr 1e-5
+        online_updates_per_step=10,  # [DMD2] 10 fake-score updates per generator update ([Diff-Instruct] / Alg. 1: 1)
+        real_guidance=1.75, t_range="0.02,0.98", sd_weighting="dmd2",  # [DMD2]
+        alpha_start=0.95, alpha_end=0.75,  # [paper] start near 1, then lower; [ours] values
+        lambda_fm_start=1.0, lambda_fm_end=0.25,  # [paper] start high, then lower; [ours] values (end = DMD's lambda_reg)
+        schedule_steps=10_000,  # [ours] linear decay after the warm-up
+    ),
+}
+LOSSES = ["loss", "loss_fm", "loss_sd", "loss_online"]
+PSI_SCHEDULERS = {"dpmsolver++": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler", "euler": "EulerDiscreteScheduler",
+                  "ddim": "DDIMScheduler"}
+VGG16_LAYERS = (3, 8, 15, 22, 29)  # torchvision vgg16().features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# --- the one-step generator and the teacher's trajectories -----------------------------------------
+
+
+def one_step_coefficients(scheduler_config: dict) -> tuple[float, float, int]:
+    """(a, b, T) such that the `sdxs` engine's single step is x0 = a*z - b*eps(z, T), T = 999: read off
+    (by two probes, the update is linear in z and eps) the very scheduler the final folder ships
+    (common.one_step_scheduler, DEIS) as the engine sets it up (sdxs.engine.one_step_scheduler). For SD
+    betas a = 14.642591, b = 14.579279: DEIS's first-order step from t=999 to t=0, slightly off the
+    exact x0 prediction (14.648819, 14.614647), so the student is trained as it will run."""
+    from sdxs.engine import one_step_scheduler as engine_scheduler
+
+    config = dict(common.one_step_scheduler(scheduler_config).config, _class_name="DEISMultistepScheduler")
+
+    def probe(z: float, eps: float) -> float:
+        scheduler = engine_scheduler(config)  # fresh: schedulers keep state between steps
+        if float(scheduler.init_noise_sigma) != 1.0:
+            raise ValueError("expected a one-step scheduler whose noise enters unscaled (init_noise_sigma 1).")
+        t = scheduler.timesteps[0]
+        return float(scheduler.step(torch.full((1, 1, 1, 1), eps), t, torch.full((1, 1, 1, 1), z)).prev_sample.flatten()[0])
+
+    return probe(1.0, 0.0), -probe(0.0, 1.0), int(engine_scheduler(config).timesteps[0])
+
+
+def one_step_generate(unet, noise: torch.Tensor, states: torch.Tensor, coefficients: tuple[float, float, int]) -> torch.Tensor:
+    """The student as a one-step generator, exactly what the `sdxs` engine computes: x0 = a*z - b*eps(z, T)
+    with (a, b, T) = one_step_coefficients(...) (about (z - sqrt(1 - abar_T) eps) / sqrt(abar_T), T = 999)."""
+    a, b, last = coefficients
+    t = torch.full((len(noise),), last, device=noise.device, dtype=torch.long)
+    return a * noise - b * unet(noise, t, encoder_hidden_states=states).sample.float()
+
+
+def make_psi_scheduler(name: str, scheduler_config: dict):
+    """The scheduler of psi on the teacher's betas. Every choice starts at t = T-1 (999), so psi and the
+    student start from the same noise: Euler/DDIM use "trailing" spacing, DDIM without x0 clipping."""
+    import diffusers
+
+    keep = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    keep = {k: keep[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                                 "steps_offset", "trained_betas") if k in keep}
+    extra = {"euler": {"timestep_spacing": "trailing"}, "ddim": {"timestep_spacing": "trailing", "clip_sample": False},
+             "dpmsolver++": {"algorithm_type": "dpmsolver++"}}.get(name, {})
+    return getattr(diffusers, PSI_SCHEDULERS[name]).from_config({**keep, **extra})
+
+
+@torch.no_grad()
+def psi_sample(unet, scheduler, steps: int, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+               guidance_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """psi(eps) of Eq. 10: the teacher's few-step ODE sampler from the noise `noise` (the student's own),
+    classifier-free guided when guidance_scale > 1. Returns clean latents in U-Net space."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    last = scheduler.config.num_train_timesteps - 1
+    if int(scheduler.timesteps[0]) != last:
+        raise ValueError(f"psi must start at t={last}, where the student starts; {type(scheduler).__name__} starts at "
+                         f"{int(scheduler.timesteps[0])}.")
+    latents = noise * scheduler.init_noise_sigma
+    guided = guidance_scale > 1 and uncond is not None
+    states = torch.cat([uncond, cond]) if guided else cond
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        eps = unet(x.to(unet.dtype), t, encoder_hidden_states=states).sample.float()
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+    return latents
+
+
+def pair_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
+    """The noise of cached pair `index`: depends only on (seed, index), so any sharding builds one cache."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+
+def build_pair_cache(teacher_unet, tokenizer, text_encoder, scheduler_config: dict, prompts: list[str], folder: Path, *,
+                     psi_scheduler: str, steps: int, guidance_scale: float, side: int, seed: int, batch_size: int,
+                     accelerator) -> Path:
+    """Cache the (noise, psi(noise)) pairs, one .pt file per prompt {"noise", "latents": fp32 (4, side, side),
+    "prompt"}; written file by file atomically and sharded over processes; meta.json marks it complete."""
+    folder = Path(folder)
+    if (folder / "meta.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    device = accelerator.device
+    todo = [i for i in range(len(prompts)) if i % accelerator.num_processes == accelerator.process_index
+            and not (folder / f"{i:07d}.pt").is_file()]
+    uncond = common.encode_prompts(tokenizer, text_encoder, [""])
+    for start in range(0, len(todo), batch_size):
+        ids = todo[start : start + batch_size]
+        noise = torch.cat([pair_noise((1, 4, side, side), seed, i) for i in ids]).to(device)
+        cond = common.encode_prompts(tokenizer, text_encoder, [prompts[i] for i in ids])
+        latents = psi_sample(teacher_unet, make_psi_scheduler(psi_scheduler, scheduler_config), steps, noise, cond,
+                             uncond.expand(len(ids), -1, -1), guidance_scale, torch.Generator().manual_seed(seed + ids[0]))
+        for k, i in enumerate(ids):
+            item = {"noise": noise[k].float().cpu(), "latents": latents[k].float().cpu(), "prompt": prompts[i]}
+            torch.save(item, folder / f".{i:07d}.tmp")
+            os.replace(folder / f".{i:07d}.tmp", folder / f"{i:07d}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (folder / "meta.json").write_text(json.dumps({"n": len(prompts), "psi": [psi_scheduler, steps, guidance_scale]}) + "\n")
+    accelerator.wait_for_everyone()
+    return folder
+
+
+class Pairs(torch.utils.data.Dataset):
+    """Cached pairs {"noise", "latents", "prompt"} (a cache folder), or prompts alone (--pairs online)."""
+
+    def __init__(self, folder: Path | None = None, prompts: list[str] | None = None):
+        self.files = sorted(Path(folder).glob("*.pt")) if folder else None
+        self.prompts = prompts
+        if not (self.files or self.prompts):
+            raise SystemExit(f"No training pairs in {folder}.")
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files else len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict:
+        return torch.load(self.files[index], weights_only=True) if self.files else {"prompt": self.prompts[index]}
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    batch = {"prompt": [item["prompt"] for item in items]}
+    for key in ("noise", "latents"):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch
+
+
+# --- the frozen feature encoders of L_FM ------------------------------------------------------------
+
+
+def parse_list(text: str, kind=float) -> list:
+    return [kind(v) for v in str(text).split(",") if v.strip()]
+
+
+class UNetEncoder(torch.nn.Module):
+    """The diffusion U-Net's own encoder as f_l of Eq. 10: the output of each down stage, read before
+    its downsampler (the stage's own resolution), of the frozen teacher U-Net run on the latents as
+    they are at a fixed small timestep `timestep`, conditioned on the prompt. Works on latents: no
+    decoder and no download. Stops after the deepest layer asked for."""
+
+    def __init__(self, unet, layers: list[int], timestep: int):
+        super().__init__()
+        if unet.config.get("class_embed_type") or unet.config.get("addition_embed_type"):
+            raise ValueError("--fm_encoder unet supports SD-style U-Nets (no class/addition embeddings).")
+        if max(layers) >= len(unet.down_blocks):
+            raise ValueError(f"--fm_layers {layers}: the U-Net has {len(unet.down_blocks)} down stages (0..{len(unet.down_blocks) - 1}).")
+        self.unet, self.layers, self.timestep = unet, layers, timestep
+
+    def forward(self, latents: torch.Tensor, states: torch.Tensor) -> list[torch.Tensor]:
+        unet = self.unet
+        x = latents.to(unet.dtype)
+        t = torch.full((len(x),), self.timestep, device=x.device, dtype=torch.long)
+        emb = unet.time_embedding(unet.time_proj(t).to(x.dtype))
+        h, features = unet.conv_in(x), {}
+        for i, block in enumerate(unet.down_blocks[: max(self.layers) + 1]):
+            if getattr(block, "has_cross_attention", False):
+                h, states_out = block(h, temb=emb, encoder_hidden_states=states.to(x.dtype))
+            else:
+                h, states_out = block(h, temb=emb)
+            features[i] = states_out[-2] if block.downsamplers is not None else h
+        return [features[i].float() for i in self.layers]
+
+
+class ImageEncoder(torch.nn.Module):
+    """VGG-16 or DINOv2 as f_l of Eq. 10, on images: the latents are decoded by the frozen teacher VAE,
+    resized to 224 px and ImageNet-normalised. VGG-16 layers index relu1_2, relu2_2, relu3_3, relu4_3,
+    relu5_3; DINOv2 layers index its hidden states (0 = embeddings), whose patch tokens are laid out as
+    (C, 16, 16) maps."""
+
+    def __init__(self, kind: str, network, vae, layers: list[int]):
+        super().__init__()
+        self.kind, self.network, self.vae, self.layers = kind, network, vae, layers
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, latents: torch.Tensor, states: torch.Tensor | None = None) -> list[torch.Tensor]:
+        images = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
+        images = F.interpolate((images.clamp(-1, 1) + 1) / 2, size=(224, 224), mode="bilinear", align_corners=False)
+        x = (images - self.mean) / self.std
+        if self.kind == "vgg16":
+            features, wanted = [], [VGG16_LAYERS[i] for i in self.layers]
+            for index, module in enumerate(self.network.features[: max(wanted) + 1]):
+                x = module(x)
+                if index in wanted:
+                    features.append(x)
+            return [f.float() for f in features]
+        hidden = self.network(pixel_values=x, output_hidden_states=True).hidden_states
+        skip = 1 + getattr(self.network.config, "num_register_tokens", 0)  # CLS (+ registers) before the patches
+        side = x.shape[-1] // self.network.config.patch_size
+        return [hidden[i][:, skip:].transpose(1, 2).reshape(len(x), -1, side, side).float() for i in self.layers]
+
+
+def load_fm_encoder(kind: str, path: str | None, *, teacher_unet, vae, layers: list[int], timestep: int) -> torch.nn.Module:
+    """The frozen encoder of L_FM named by --fm_encoder; VGG-16 and DINOv2 read local weights only."""
+    if kind == "unet":
+        encoder = UNetEncoder(teacher_unet, layers, timestep)
+    elif kind == "vgg16":
+        try:
+            import torchvision
+        except ImportError:
+            raise SystemExit("--fm_encoder vgg16 needs torchvision (pip install torchvision) and --fm_encoder_path, a torchvision "
+                             "VGG-16 state dict (e.g. vgg16-397923af.pth). Or use --fm_encoder unet (no download).") from None
+        if not path or not Path(path).is_file():
+            raise SystemExit(f"--fm_encoder vgg16 needs --fm_encoder_path: a local torchvision VGG-16 state dict file "
+                             f"(e.g. vgg16-397923af.pth); got {path!r}. Or use --fm_encoder unet (no download).")
+        network = torchvision.models.vgg16()
+        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        encoder = ImageEncoder(kind, network, vae, layers)
+    elif kind == "dinov2":
+        from transformers import Dinov2Model
+
+        if not path or not Path(path).is_dir():
+            raise SystemExit(f"--fm_encoder dinov2 needs --fm_encoder_path: a local folder of a transformers DINOv2 model "
+                             f"(e.g. a download of facebook/dinov2-small); got {path!r}. Or use --fm_encoder unet (no download).")
+        network = Dinov2Model.from_pretrained(path)
+        if max(layers) > network.config.num_hidden_layers:
+            raise SystemExit(f"--fm_layers {layers}: this DINOv2 has hidden states 0..{network.config.num_hidden_layers}.")
+        encoder = ImageEncoder(kind, network, vae, layers)
+    else:
+        raise ValueError(f"unknown --fm_encoder {kind}")
+    return encoder.eval().requires_grad_(False)
+
+
+# --- losses and schedules ---------------------------------------------------------------------------
+
+
+def ssim_distance(x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor:
+    """Per-sample 1 - SSIM between feature maps (N, C, H, W) of any channel count (pytorch_msssim, a
+    Gaussian window of size min(window, the largest odd number <= min(H, W)), so small maps are
+    compared too). Features have no fixed range: data_range, which sets SSIM's stabilising constants,
+    is the target's (y) value range, detached."""
+    from pytorch_msssim import ssim
+
+    side = min(x.shape[-2:])
+    if side < 2:
+        raise ValueError(f"feature maps of {tuple(x.shape[-2:])} are too small for SSIM; choose shallower --fm_layers.")
+    window = min(window, side if side % 2 else side - 1)
+    data_range = float((y.max() - y.min()).detach().clamp_min(1e-6))
+    return 1 - ssim(x.float(), y.float(), data_range=data_range, size_average=False, win_size=window)
+
+
+def feature_matching_loss(student_features: list[torch.Tensor], target_features: list[torch.Tensor],
+                          weights: list[float], window: int) -> torch.Tensor:
+    """Eq. 10, L_FM = sum_l w_l * SSIM-loss(f_l(G(eps)), f_l(psi(eps))), per sample (shape (N,))."""
+    return sum(w * ssim_distance(s, t, window) for w, s, t in zip(weights, student_features, target_features))
+
+
+def linear_schedule(step: int, start_step: int, steps: int, start: float, end: float) -> float:
+    """start until start_step, then linearly to end over `steps` steps, then end."""
+    if steps <= 0:
+        return end if step > start_step else start
+    return start + (end - start) * min(max(step - start_step, 0) / steps, 1.0)
+
+
+def alpha_schedule(step: int, *, warmup_steps: int, decay_steps: int, start: float, end: float) -> float:
+    """alpha of Eqs. 11-12 at `step`: `start` (near 1) at the first step of score distillation (the one
+    after the FM warm-up), then linearly down to `end` over `decay_steps`, then constant (the paper:
+    start alpha near 1, then lower it)."""
+    return linear_schedule(step, warmup_steps + 1, decay_steps, start, end)
+
+
+def lambda_fm_schedule(step: int, *, warmup_steps: int, decay_steps: int, start: float, end: float) -> float:
+    """lambda_FM of Eq. 12 at `step`: `start` (high) at the first step of score distillation, then
+    linearly down to `end` over `decay_steps`, then constant. (During the warm-up L_FM runs alone, weight 1.)"""
+    return linear_schedule(step, warmup_steps + 1, decay_steps, start, end)
+
+
+def split_by_segment(t: torch.Tensor, alpha: float, num_train_timesteps: int) -> torch.Tensor:
+    """Eqs. 11-12: True where t <= alpha*T (the sample gets the score-distillation gradient), False where
+    t > alpha*T (it gets lambda_FM times the FM gradient)."""
+    return t.float() <= alpha * num_train_timesteps
+
+
+def score_difference(eps_online: torch.Tensor, eps_offline: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """s_online(x_t, t) - s_offline(x_t, t) in the SCORE convention, s = grad log p_t = -eps / sigma_t:
+    = (eps_offline - eps_online) / sigma_t. This is the gradient of KL(p_student || p_teacher) w.r.t.
+    the sample (Diff-Instruct/DMD: s_fake - s_real), i.e. eps_real - eps_fake up to a positive weight;
+    gradient DESCENT then moves x_t toward the teacher's distribution. `sigma`: (N,) sqrt(1 - abar_t)."""
+    eps_offline, eps_online = _at_least_fp32(eps_offline), _at_least_fp32(eps_online)
+    return (eps_offline - eps_online) / sigma.view(-1, *[1] * (eps_online.dim() - 1)).to(eps_online.dtype)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def score_distillation_surrogate(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Eq. 11's gradient as a loss: 0.5 * sum_i w_i * ||x_i - (x_i - g_i).detach()||^2, summed over all
+    elements, so that d loss / d x_i = w_i * g_i exactly (x = x_t, g = s_online - s_offline, w = w(t))."""
+    weight = weight.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+    return 0.5 * (weight * (x - (x - grad.to(x.dtype)).detach()) ** 2).sum()
+
+
+def score_weight(kind: str, alpha_t: torch.Tensor, sigma_t: torch.Tensor, x0: torch.Tensor | None = None,
+                 x0_offline: torch.Tensor | None = None) -> torch.Tensor:
+    """w(t) of Eq. 11, per sample. "sigma" [ours]: w = sigma_t, so w * g = eps_offline - eps_online (unit
+    scale at every t). "dmd2" [DMD2]: w = sigma_t^2 / alpha_t^2 / mean|x0 - x0_offline| per sample, so that
+    the gradient reaching x0 (x_t = alpha_t x0 + sigma_t n) is DMD2's (x0_online - x0_offline) /
+    mean|x0 - x0_offline|: the per-sample normalisation of DMD2."""
+    if kind == "sigma":
+        return _at_least_fp32(sigma_t)
+    if kind == "dmd2":
+        norm = (_at_least_fp32(x0) - _at_least_fp32(x0_offline)).abs().flatten(1).mean(1).clamp_min(1e-6)
+        return (_at_least_fp32(sigma_t) ** 2 / _at_least_fp32(alpha_t) ** 2) / norm
+    raise ValueError(f"unknown --sd_weighting {kind}")
+
+
+def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The online DM's standard denoising (epsilon-prediction) loss on the student's samples (Eq. 11's
+    s_phi is trained with it, Alg. 1): || eps_phi(x_t, t) - n ||^2."""
+    return F.mse_loss(eps_pred.float(), noise.float())
+
+
+# --- arguments ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train/distill_one_step.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    retitle = {
+        "sampler_steps": "psi: teacher sampler steps from the student's noise (--psi_scheduler) (preset)",
+        "guidance_scale": "psi: classifier-free guidance of the teacher sampler, 1 = off (an LCM teacher needs none) (preset)",
+        "latents": "not used by this stage (pairs are always sampled from prompts; an --image_folder gives its captions)",
+        "prompts": "text file, one prompt per line: each prompt gets one (noise, psi(noise)) pair. With --preset smoke and "
+                   "no data given, 8 built-in prompts are used",
+        "image_folder": "image-caption folder (images + metadata.jsonl): only its captions are used, as prompts",
+        "cache_dir": "where the (noise, psi(noise)) pairs are cached with --pairs cache (default OUTPUT_DIR/cache); reused "
+                     "by later runs with the same settings",
+        "cache_batch_size": "batch size of psi while building the pair cache (default 8)",
+        "lr": "AdamW learning rate of the student (preset)",
+    }
+    for action in parser._actions:
+        if action.dest in retitle:
+            action.help = retitle[action.dest]
+
+    model = parser.add_argument_group("student and teachers")
+    model.add_argument("--student", default=None,
+                       help="the multi-step student: stage B's OUTPUT_DIR/final (a pipeline folder or hub id with unet/). "
+                            "With --preset smoke and none given, stage B's recipe is applied to the teacher's U-Net")
+    model.add_argument("--psi_teacher", default=None,
+                       help="pipeline folder or hub id whose U-Net psi samples with (e.g. the teacher with an LCM-LoRA "
+                            "merged in, the paper's straightened teacher); default: --teacher")
+    model.add_argument("--psi_scheduler", choices=sorted(PSI_SCHEDULERS),
+                       help="psi's ODE sampler on the teacher's betas, starting at t=999 like the student (preset)")
+    model.add_argument("--pairs", choices=["cache", "online"],
+                       help="cache: one (noise, psi(noise)) pair per prompt, computed once into --cache_dir; online: fresh "
+                            "noise and psi every step (sampler_steps teacher calls per sample) (preset)")
+    model.add_argument("--tiny_decoder", default=None,
+                       help="an AutoencoderTiny folder to ship as vae/ in the final pipeline (default: the --student "
+                            "folder's decoders; the teacher's AutoencoderKL when the student was derived here)")
+
+    fm = parser.add_argument_group("feature matching (Eq. 10)")
+    fm.add_argument("--fm_encoder", choices=["unet", "vgg16", "dinov2"],
+                    help="frozen encoder f: 'unet' the teacher U-Net's down stages on latents (offline); 'vgg16' (needs "
+                         "torchvision + --fm_encoder_path) or 'dinov2' (--fm_encoder_path) on teacher-VAE-decoded images (preset)")
+    fm.add_argument("--fm_encoder_path", default=None,
+                    help="local weights of the VGG-16 (torchvision state-dict file) or DINOv2 (transformers folder) encoder")
+    fm.add_argument("--fm_layers", help="comma-separated layers l: U-Net down stages (0 = highest resolution), VGG-16 "
+                                        "relu{1_2,2_2,3_3,4_3,5_3} as 0..4, or DINOv2 hidden states (preset)")
+    fm.add_argument("--fm_weights", help="comma-separated w_l, one per --fm_layers entry (preset)")
+    fm.add_argument("--fm_timestep", type=int, help="the fixed small t at which the U-Net encoder reads latents (preset)")
+    fm.add_argument("--fm_ssim_window", type=int, help="SSIM Gaussian window (odd); smaller maps use the largest odd size that fits (preset)")
+    fm.add_argument("--fm_warmup_steps", type=int, help="first N student steps use L_FM alone (no score distillation, no online DM updates) (preset)")
+
+    sd = parser.add_argument_group("segmented score distillation (Eqs. 11-12)")
+    sd.add_argument("--online_lr", type=float, help="AdamW learning rate of the online (fake-score) U-Net (preset)")
+    sd.add_argument("--online_updates_per_step", type=int,
+                    help="online DM updates before each student update after the warm-up: 1 as Diff-Instruct / Alg. 1, 10 as DMD2 (preset)")
+    sd.add_argument("--real_guidance", type=float, help="CFG scale of the offline (teacher) score; the online score has none (preset)")
+    sd.add_argument("--t_range", help="'lo,hi': t ~ U[lo*T, hi*T] for the student's score terms and the online DM's loss (preset)")
+    sd.add_argument("--sd_weighting", choices=["sigma", "dmd2"],
+                    help="w(t): 'sigma' (w*g = eps_offline - eps_online) or 'dmd2' (DMD2's per-sample normalised x0 gradient) (preset)")
+    sd.add_argument("--alpha_start", type=float, help="alpha when score distillation begins: t <= alpha*T gets score gradients (preset)")
+    sd.add_argument("--alpha_end", type=float, help="alpha after --schedule_steps (preset)")
+    sd.add_argument("--lambda_fm_start", type=float, help="lambda_FM, weight of the FM gradient for t > alpha*T, when score distillation begins (preset)")
+    sd.add_argument("--lambda_fm_end", type=float, help="lambda_FM after --schedule_steps (preset)")
+    sd.add_argument("--schedule_steps", type=int, help="steps after the warm-up over which alpha and lambda_FM fall linearly (preset)")
+    return parser
+
+
+def validate(parser, args) -> None:
+    layers, weights = parse_list(args.fm_layers, int), parse_list(args.fm_weights)
+    if not layers or len(layers) != len(weights):
+        parser.error(f"--fm_layers and --fm_weights need the same number of entries; got {args.fm_layers!r} and {args.fm_weights!r}.")
+    lo_hi = parse_list(args.t_range)
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
+        parser.error(f"--t_range must be 'lo,hi' with 0 <= lo < hi <= 1; got {args.t_range!r}.")
+    if args.fm_ssim_window < 1 or args.fm_ssim_window % 2 == 0:
+        parser.error(f"--fm_ssim_window must be odd; got {args.fm_ssim_window}.")
+    if args.online_updates_per_step < 1:
+        parser.error(f"--online_updates_per_step must be at least 1; got {args.online_updates_per_step}.")
+    if args.latents == "encode":
+        parser.error("stage C samples its pairs from prompts: --latents encode does not apply.")
+    if args.student is None and args.preset != "smoke":
+        parser.error("--student is required with --preset paper: stage B's OUTPUT_DIR/final (a pipeline folder with unet/).")
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = common.parse_args(parser, PRESETS, argv)
+    validate(parser, args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    common.check_fresh_start(output_dir, args.resume)
+    # Accumulation is done here by hand (grad_accum=1 to accelerate): two models take turns, and
+    # accelerate's accumulate() counts micro-steps globally.
+    accelerator = common.make_accelerator(output_dir, mixed_precision=args.mixed_precision, grad_accum=1, report_to=args.report_to)
+    common.quiet_libraries()
+    common.set_cpu_threads(args.num_threads)
+    config, main_process, device = common.run_config(args), accelerator.is_main_process, accelerator.device
+    torch.manual_seed(args.seed)
+
+    # --- teacher (offline DM), student, online DM, psi, encoder, data ---------------------------------
+    from diffusers import AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+
+    from sdxs.loading import resolve_model_dir
+
+    tiny_dir = resolve_model_dir(args.tiny_decoder, subfolders_with_weights=("",)) if args.tiny_decoder else None  # fail early
+    teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
+    teacher = common.load_teacher(teacher_id, device, torch.float32)
+    if args.student:
+        student_root = resolve_model_dir(args.student, subfolders_with_weights=("unet",))
+        if not (student_root / "unet").is_dir():
+            raise SystemExit(f"--student {args.student}: {student_root} has no unet/ (expected stage B's OUTPUT_DIR/final).")
+        student = UNet2DConditionModel.from_pretrained(student_root / "unet")
+    else:  # smoke: stage B's recipe applied to the (tiny) teacher, untrained
+        from train.distill_unet import init_student_from_teacher
+
+        student, _ = init_student_from_teacher(teacher.unet)
+        student_root = teacher.root
+    student.to(device)
+    online = copy.deepcopy(teacher.unet).requires_grad_(True).train()  # Eq. 11: initialised from the offline DM
+    dtype = common.weight_dtype(args.mixed_precision)
+    teacher.unet.to(dtype)
+    teacher.text_encoder.to(dtype)
+    psi_unet = teacher.unet
+    if args.psi_teacher:
+        psi_root = resolve_model_dir(args.psi_teacher, subfolders_with_weights=("unet",))
+        psi_unet = UNet2DConditionModel.from_pretrained(psi_root / "unet", torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    layers, weights = parse_list(args.fm_layers, int), parse_list(args.fm_weights)
+    encoder = load_fm_encoder(args.fm_encoder, args.fm_encoder_path, teacher_unet=teacher.unet, vae=teacher.vae,
+                              layers=layers, timestep=args.fm_timestep)
+    if main_process:
+        print(f"Student U-Net {sum(p.numel() for p in student.parameters()):,} parameters (from {student_root}); online "
+              f"U-Net {sum(p.numel() for p in online.parameters()):,} (= the offline teacher's).", file=sys.stderr)
+
+    source = common.read_sources(args.prompts, args.image_folder, args.caption_column, None, args.num_samples,
+                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None)
+    side, T = args.resolution // 8, teacher.unet.config.get("num_train_timesteps", 1000)
+    psi_scheduler_config = json.loads((Path(resolve_model_dir(args.psi_teacher)) / "scheduler" / "scheduler_config.json").read_text()) \
+        if args.psi_teacher else teacher.scheduler_config
+    if args.pairs == "cache":
+        settings = {"psi": str(args.psi_teacher or teacher.root), "source": source.fingerprint, "n": len(source.prompts),
+                    "scheduler": args.psi_scheduler, "steps": args.sampler_steps, "guidance": args.guidance_scale,
+                    "resolution": args.resolution, "seed": args.seed}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        folder = Path(args.cache_dir or output_dir / "cache") / f"pairs-{digest}"
+        build_pair_cache(psi_unet, teacher.tokenizer, teacher.text_encoder, psi_scheduler_config, source.prompts, folder,
+                         psi_scheduler=args.psi_scheduler, steps=args.sampler_steps, guidance_scale=args.guidance_scale,
+                         side=side, seed=args.seed, batch_size=args.cache_batch_size, accelerator=accelerator)
+        dataset = Pairs(folder=folder)
+    else:
+        dataset = Pairs(prompts=source.prompts)
+    noise_scheduler = DDPMScheduler.from_config(teacher.scheduler_config)  # the teacher's betas, for x_t
+    abar = noise_scheduler.alphas_cumprod.to(device)
+    coefficients = one_step_coefficients(teacher.scheduler_config)
+    t_lo, t_hi = (round(v * (T - 1)) for v in parse_list(args.t_range))
+    uncond_state = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, [""])
+
+    # --- optimizers, accelerate ------------------------------------------------------------------------
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        online.enable_gradient_checkpointing()
+    student.train()
+    ema = common.make_ema(student, args.ema_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    online_optimizer = torch.optim.AdamW(online.parameters(), lr=args.online_lr, weight_decay=args.weight_decay)
+    lr_schedule = common.warmup_then_constant(optimizer, args.lr_warmup_steps)
+    student, online, optimizer, online_optimizer = accelerator.prepare(student, online, optimizer, online_optimizer)
+    accelerator.register_for_checkpointing(lr_schedule)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+        ema.to(device)
+    raw_student, raw_online = accelerator.unwrap_model(student), accelerator.unwrap_model(online)
+
+    start_step = 0
+    checkpoint = common.find_checkpoint(output_dir, args.resume)
+    if checkpoint is not None:
+        start_step = common.load_checkpoint(accelerator, checkpoint, config)
+        if main_process:
+            print(f"Resumed from {checkpoint} at step {start_step}.", file=sys.stderr)
+    elif args.resume and main_process:
+        print(f"--resume {args.resume}: no checkpoint yet in {output_dir}; starting a new run.", file=sys.stderr)
+
+    sampler = common.StepSampler(len(dataset), args.batch_size, seed=args.seed, first_micro_step=start_step * args.grad_accum,
+                                 rank=accelerator.process_index, world=accelerator.num_processes, overfit=args.overfit_batch)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_pairs, num_workers=args.num_workers))
+    columns = ["lr", "samples_per_s", "alpha", "lambda_fm", "fm_fraction", "sd_grad", *LOSSES]
+    log = common.CsvLog(output_dir / "log.csv", columns, start_step, enabled=main_process)
+    if args.report_to != "none":
+        accelerator.init_trackers("distill_one_step", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+    progress = common.Progress(args.max_steps, start_step, "stage C one-step", enabled=accelerator.is_local_main_process)
+
+    def states_of(prompts):
+        return common.encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
+
+    def noisy(x0, noise, t):
+        """x_t = alpha_t x0 + sigma_t n (differentiable in x0), with alpha_t, sigma_t of shape (N,)."""
+        a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
+        return a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise, a, s
+
+    def pairs_of(batch, gen):
+        """(noise, psi(noise)) of a batch: cached, or computed now from step-seeded noise."""
+        if "noise" in batch:
+            return batch["noise"].to(device), batch["latents"].to(device)
+        noise = torch.randn(len(batch["prompt"]), 4, side, side, generator=gen).to(device)
+        uncond = uncond_state.expand(len(noise), -1, -1)
+        target = psi_sample(psi_unet, make_psi_scheduler(args.psi_scheduler, psi_scheduler_config), args.sampler_steps, noise,
+                            states_of(batch["prompt"]), uncond, args.guidance_scale, gen)
+        return noise, target
+
+    @torch.no_grad()
+    def offline_eps(x_t, t, states):
+        """eps of the offline (teacher) DM, with CFG --real_guidance [DMD2]."""
+        x = x_t.to(dtype)
+        if args.real_guidance > 1:
+            eps_u, eps_c = teacher.unet(torch.cat([x, x]), torch.cat([t, t]),
+                                        encoder_hidden_states=torch.cat([uncond_state.expand(len(x), -1, -1), states])).sample.float().chunk(2)
+            return eps_u + args.real_guidance * (eps_c - eps_u)
+        return teacher.unet(x, t, encoder_hidden_states=states).sample.float()
+
+    val_prompts = [source.prompts[i % len(source.prompts)] for i in range(args.num_sample_images)]
+    val_noise = torch.randn(len(val_prompts), 4, side, side, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    psi_row = []
+
+    @torch.no_grad()
+    def sample_grid(step: int) -> None:
+        """Rows: psi (the teacher's few-step sampler) and the student in ONE step (EMA when on), same noise."""
+        cond, sf = states_of(val_prompts), teacher.vae.config.scaling_factor
+        if not psi_row:
+            z = psi_sample(psi_unet, make_psi_scheduler(args.psi_scheduler, psi_scheduler_config), args.sampler_steps, val_noise,
+                           cond, uncond_state.expand(len(val_prompts), -1, -1), args.guidance_scale, torch.Generator().manual_seed(args.seed))
+            psi_row.append(teacher.vae.decode(z.float() / sf).sample)
+        model = ema if ema is not None else raw_student
+        model.eval()
+        with accelerator.autocast():
+            z = one_step_generate(model, val_noise, cond, coefficients)
+        model.train()
+        common.save_image_grid([psi_row[0], teacher.vae.decode(z.float() / sf).sample], output_dir / "samples" / f"step-{step:07d}.png")
+
+    # --- loop ------------------------------------------------------------------------------------------
+    tick, seen = time.perf_counter(), 0
+    for step in range(start_step + 1, args.max_steps + 1):
+        warm = step <= args.fm_warmup_steps
+        schedule = {"warmup_steps": args.fm_warmup_steps, "decay_steps": args.schedule_steps}
+        alpha = 0.0 if warm else alpha_schedule(step, **schedule, start=args.alpha_start, end=args.alpha_end)
+        lam = 1.0 if warm else lambda_fm_schedule(step, **schedule, start=args.lambda_fm_start, end=args.lambda_fm_end)
+        gen = common.step_generator(args.seed, 0 if args.overfit_batch else step, accelerator.process_index)
+        micro_batches = []
+        for _ in range(args.grad_accum):
+            batch = next(batches)
+            noise, target = pairs_of(batch, gen)
+            micro_batches.append((noise, target, states_of(batch["prompt"])))
+        sums = dict.fromkeys([*LOSSES, "sd_grad"], 0.0)
+        fm_count, total = 0, 0
+
+        # 1. the online DM learns the student's current distribution (Alg. 1), after the warm-up
+        if not warm:
+            for _ in range(args.online_updates_per_step):
+                for k, (_, _, states) in enumerate(micro_batches):
+                    z = torch.randn(len(states), 4, side, side, generator=gen).to(device)  # fresh noise: G's distribution
+                    n = torch.randn(z.shape, generator=gen).to(device)
+                    t = torch.randint(t_lo, t_hi + 1, (len(z),), generator=gen).to(device)
+                    with torch.no_grad(), accelerator.autocast():
+                        x0 = one_step_generate(raw_student, z, states, coefficients).float()
+                    x_t, _, _ = noisy(x0, n, t)
+                    sync = k == len(micro_batches) - 1
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(online), accelerator.autocast():
+                        loss_online = denoising_loss(online(x_t, t, encoder_hidden_states=states).sample, n)
+                        accelerator.backward(loss_online / args.grad_accum)
+                    sums["loss_online"] += loss_online.item() / args.grad_accum / args.online_updates_per_step
+                if args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(online.parameters(), args.max_grad_norm)
+                online_optimizer.step()
+                online_optimizer.zero_grad(set_to_none=True)
+
+        # 2. the student: FM for t > alpha*T (all samples in the warm-up), score distillation for t <= alpha*T
+        for k, (noise, target, states) in enumerate(micro_batches):
+            n = torch.randn(noise.shape, generator=gen).to(device)
+            t = torch.randint(t_lo, t_hi + 1, (len(noise),), generator=gen).to(device)
+            sd_mask = split_by_segment(t, alpha, T) if not warm else torch.zeros(len(t), dtype=torch.bool, device=device)
+            fm_mask = ~sd_mask
+            sync = k == len(micro_batches) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(student), accelerator.autocast():
+                x0 = one_step_generate(student, noise, states, coefficients)
+                loss = x0.new_zeros(())
+                if fm_mask.any():
+                    with torch.no_grad():
+                        target_features = encoder(target[fm_mask], states[fm_mask])
+                    per_sample = feature_matching_loss(encoder(x0[fm_mask], states[fm_mask]), target_features, weights, args.fm_ssim_window)
+                    loss = loss + lam * per_sample.sum() / len(x0)  # Eq. 12, t > alpha*T: lambda_FM * L_FM
+                    sums["loss_fm"] += per_sample.mean().item() / args.grad_accum
+                if sd_mask.any():
+                    x_t, a_t, s_t = noisy(x0[sd_mask], n[sd_mask], t[sd_mask])
+                    with torch.no_grad():
+                        x_in, t_in, c_in = x_t.detach(), t[sd_mask], states[sd_mask]
+                        eps_on = raw_online(x_in.to(dtype), t_in, encoder_hidden_states=c_in).sample.float()
+                        eps_off = offline_eps(x_in, t_in, c_in)
+                        g = score_difference(eps_on, eps_off, s_t)
+                        x0_off = (x_in - s_t.view(-1, 1, 1, 1) * eps_off) / a_t.view(-1, 1, 1, 1)
+                        w = score_weight(args.sd_weighting, a_t, s_t, x0[sd_mask].detach(), x0_off)
+                    # Eq. 11, t <= alpha*T: d/dx_t = w(t) (s_online - s_offline); averaged over elements as DMD2's MSE
+                    loss_sd = score_distillation_surrogate(x_t.float(), g, w) / x0[0].numel() / len(x0)
+                    loss = loss + loss_sd
+                    sums["loss_sd"] += loss_sd.item() / args.grad_accum
+                    sums["sd_grad"] += (w.view(-1, 1, 1, 1) * g).abs().mean().item() / args.grad_accum
+                accelerator.backward(loss / args.grad_accum)
+            sums["loss"] += loss.item() / args.grad_accum
+            fm_count, total = fm_count + int(fm_mask.sum()), total + len(t)
+            seen += len(noise) * accelerator.num_processes
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_schedule.step()
+        if ema is not None:
+            common.ema_update(ema, raw_student, args.ema_decay)
+
+        progress.update({"loss": sums["loss"], "fm": sums["loss_fm"], "sd": sums["loss_sd"], "online": sums["loss_online"]})
+        if step % args.log_every == 0 or step == args.max_steps:
+            values = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in sums.items()}
+            elapsed = time.perf_counter() - tick
+            row = {"lr": lr_schedule.get_last_lr()[0], "samples_per_s": seen / max(elapsed, 1e-9), "alpha": alpha,
+                   "lambda_fm": lam, "fm_fraction": fm_count / max(total, 1), **values}
+            if fm_count == 0:  # no sample of this step fell in the FM segment: no L_FM value (blank, not 0)
+                row["loss_fm"] = ""
+            log.write(step, row)
+            if args.report_to != "none":
+                accelerator.log(row, step=step)
+            tick, seen = time.perf_counter(), 0
+        if main_process and args.sample_every and step % args.sample_every == 0:
+            sample_grid(step)
+        if step % args.checkpoint_every == 0:
+            common.save_checkpoint(accelerator, output_dir, step, config, args.keep_checkpoints)
+        if args.stop_after_step is not None and step == args.stop_after_step:
+            progress.close()
+            if main_process:
+                print(f"Stopped after step {step} (--stop_after_step), without a final save; continue with --resume latest.",
+                      file=sys.stderr)
+            return 0
+    progress.close()
+
+    # --- final save ------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if main_process:
+        sample_grid(args.max_steps)
+        common.plot_loss_curve(output_dir / "log.csv", output_dir / "loss_curve.png")
+        unet = (ema if ema is not None else raw_student).to("cpu").eval()
+        tiny = AutoencoderTiny.from_pretrained(tiny_dir) if tiny_dir else None
+        common.save_sdxs_pipeline(output_dir / "final", student_root, unet=unet, tiny_vae=tiny)
+        print(f"One-step pipeline saved to {output_dir / 'final'}", file=sys.stderr)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    from sdxs.loading import ModelNotFoundError
+
+    try:
+        sys.exit(main())
+    except ModelNotFoundError as err:  # a teacher/student that is neither a folder nor fetchable: say what to do
+        sys.exit(f"error: {err}")
