@@ -137,9 +137,9 @@ class SDXSEngine:
     """
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, backend: str = "torch"):
-        """`backend`: "torch", "openvino" (CPU, fp32 kernels of OpenVINO) or "openvino-bf16"
-        (CPU with native bf16; faster, slightly different images); "auto" picks "openvino" on a
-        CPU when it is installed, else "torch"."""
+        """`backend`: "torch"; "torch-compile" (the GPU path); "openvino" (CPU, fp32 kernels of
+        OpenVINO); "openvino-bf16" (CPU with native bf16: faster, slightly different images);
+        "auto" picks "openvino" on a CPU when it is installed, else "torch"."""
         self.torch_components = components
         self.device = device
         self.dtype = dtype
