@@ -279,7 +279,8 @@ def markdown(report: dict) -> str:
             f"{speedup:.2f}x | {r['images_per_s_batch1']:.2f} | {r[f'images_per_s_batch{batch}']:.2f} | {r['first_call_s']:.1f} s | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {unet_gflops:.0f} ({100 * unet_gflops / report['matmul_peak_gflops']:.0f}%) | {agree} |"
         )
-    lines += ["", f"fp32 weights of the one-step networks (text encoder + U-Net + both decoders): {report['fp32_weights_bytes'] / 2**30:.2f} GiB."]
+    networks = "text encoder + U-Net + ControlNet + both VAEs" if report["mode"] == "sketch" else "text encoder + U-Net + both VAEs"
+    lines += ["", f"fp32 weights of the one-step networks ({networks}): {report['fp32_weights_bytes'] / 2**30:.2f} GiB."]
     return "\n".join(lines) + "\n"
 
 
