@@ -677,6 +677,33 @@ def save_image_grid(rows: list[torch.Tensor], path: Path) -> Path:
     return path
 
 
+def log_row(accelerator, log: "CsvLog", step: int, row: dict, report_to: str) -> None:
+    """One row of the CSV log (and of TensorBoard when --report_to says so)."""
+    log.write(step, row)
+    if report_to != "none":
+        accelerator.log(row, step=step)
+
+
+def process_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Running values averaged over the processes (what the log shows)."""
+    return {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in values.items()}
+
+
+def end_of_step(accelerator, args, step: int, output_dir: Path, config: dict, progress, sample_grid, main_process: bool) -> bool:
+    """After every optimizer step: the sample grid and the checkpoint when due, then the
+    --stop_after_step exit (a killed run's state). Returns True when the run must stop now."""
+    if main_process and args.sample_every and step % args.sample_every == 0:
+        sample_grid(step)
+    if step % args.checkpoint_every == 0:
+        save_checkpoint(accelerator, output_dir, step, config, args.keep_checkpoints)
+    if args.stop_after_step is not None and step == args.stop_after_step:
+        progress.close()
+        if main_process:
+            print(f"Stopped after step {step} (--stop_after_step), without a final save; continue with --resume latest.", file=sys.stderr)
+        return True
+    return False
+
+
 def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
     """loss_curve.png: one panel per loss column of log.csv (raw and smoothed) against the step."""
     try:

@@ -405,22 +405,12 @@ def main(argv: list[str] | None = None) -> int:
 
         progress.update({"loss": sums["loss"], "out": sums["loss_out"], "feat": sums["loss_feat"]})
         if step % args.log_every == 0 or step == args.max_steps:
-            values = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in sums.items()}
+            values = common.process_mean(accelerator, sums)
             elapsed = time.perf_counter() - tick
             row = {"lr": lr_schedule.get_last_lr()[0], "samples_per_s": seen / max(elapsed, 1e-9), **values}
-            log.write(step, row)
-            if args.report_to != "none":
-                accelerator.log(row, step=step)
+            common.log_row(accelerator, log, step, row, args.report_to)
             tick, seen = time.perf_counter(), 0
-        if main_process and args.sample_every and step % args.sample_every == 0:
-            sample_grid(step)
-        if step % args.checkpoint_every == 0:
-            common.save_checkpoint(accelerator, output_dir, step, config, args.keep_checkpoints)
-        if args.stop_after_step is not None and step == args.stop_after_step:
-            progress.close()
-            if main_process:
-                print(f"Stopped after step {step} (--stop_after_step), without a final save; continue with --resume latest.",
-                      file=sys.stderr)
+        if common.end_of_step(accelerator, args, step, output_dir, config, progress, sample_grid, main_process):
             return 0
     progress.close()
 
