@@ -471,6 +471,21 @@ def make_loader(dataset, batch_size: int, *, seed: int, first_micro_step: int, a
 # --- run plumbing --------------------------------------------------------------------------------
 
 
+def start_run(args: argparse.Namespace, grad_accum: int | None = None):
+    """The opening of every stage's main(): the run folder (a finished run is not overwritten unless
+    --resume says so), accelerate, quiet libraries, CPU threads, the seed. Returns (output_dir,
+    accelerator, config); `grad_accum` overrides --grad_accum for scripts that accumulate by hand."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_fresh_start(output_dir, args.resume)
+    accelerator = make_accelerator(output_dir, mixed_precision=args.mixed_precision, report_to=args.report_to,
+                                   grad_accum=args.grad_accum if grad_accum is None else grad_accum)
+    quiet_libraries()
+    set_cpu_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    return output_dir, accelerator, run_config(args)
+
+
 def make_accelerator(output_dir: Path, *, mixed_precision: str, grad_accum: int, report_to: str):
     """Device, mixed precision, gradient accumulation and (under `accelerate launch`) multi-GPU."""
     from accelerate import Accelerator

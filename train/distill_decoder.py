@@ -174,15 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = common.parse_args(build_parser(), PRESETS, argv)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    common.check_fresh_start(output_dir, args.resume)
-    accelerator = common.make_accelerator(output_dir, mixed_precision=args.mixed_precision, grad_accum=args.grad_accum,
-                                          report_to=args.report_to)
-    common.quiet_libraries()
-    common.set_cpu_threads(args.num_threads)
-    config, main_process = common.run_config(args), accelerator.is_main_process
-    torch.manual_seed(args.seed)
+    output_dir, accelerator, config = common.start_run(args)
+    main_process = accelerator.is_main_process
 
     # --- data: teacher latents and the teacher decoder's images, cached once -------------------
     from sdxs.loading import resolve_model_dir

@@ -494,16 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, PRESETS, argv)
     validate(parser, args)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    common.check_fresh_start(output_dir, args.resume)
     # Accumulation is done here by hand (grad_accum=1 to accelerate): two models take turns, and
     # accelerate's accumulate() counts micro-steps globally.
-    accelerator = common.make_accelerator(output_dir, mixed_precision=args.mixed_precision, grad_accum=1, report_to=args.report_to)
-    common.quiet_libraries()
-    common.set_cpu_threads(args.num_threads)
-    config, main_process, device = common.run_config(args), accelerator.is_main_process, accelerator.device
-    torch.manual_seed(args.seed)
+    output_dir, accelerator, config = common.start_run(args, grad_accum=1)
+    main_process, device = accelerator.is_main_process, accelerator.device
 
     # --- teacher (offline DM), student, online DM, psi, encoder, data ---------------------------------
     from diffusers import AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
