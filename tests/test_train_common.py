@@ -172,8 +172,11 @@ def test_ema_update():
     with torch.no_grad():
         before = ema.weight.clone()
         model.weight.add_(1.0)
-    common.ema_update(ema, model, 0.9)
+    common.ema_update(ema, model, 0.9, step=1000)  # past the warm-up: the decay itself
     assert torch.allclose(ema.weight, before + 0.1)
+    common.ema_update(ema, model, 0.9, step=1)  # warm-up: decay (1 + 1) / (10 + 1), mostly the model
+    assert torch.allclose(ema.weight, model.weight - 0.9 * 2 / 11)
+    assert common.ema_decay_at(0.999, 10) == pytest.approx(11 / 20) and common.ema_decay_at(0.999, 10**6) == 0.999
 
 
 def test_image_grid_and_loss_curve(tmp_path):

@@ -531,11 +531,19 @@ def make_ema(model: torch.nn.Module, decay: float) -> torch.nn.Module | None:
     return copy.deepcopy(model).requires_grad_(False).eval() if decay > 0 else None
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The decay used at optimizer step `step` (1-based): min(decay, (1 + step) / (10 + step)), the warm-up
+    of diffusers' EMAModel. Without it an EMA of a model trained from scratch keeps decay**step of its
+    random initial weights (0.999**2800 = 6%), and its samples stay noise for the first ~1,000 steps."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter; buffers are copied."""
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model with d = ema_decay_at(decay, step), parameter by parameter; buffers are copied."""
+    d = ema_decay_at(decay, step)
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        e.lerp_(p.detach().to(e.dtype), 1 - d)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 

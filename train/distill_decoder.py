@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         if gan_on:  # D's warm-up counts from the GAN start
             lr_schedules[1].step()
         if ema is not None:
-            common.ema_update(ema, vae, args.ema_decay)
+            common.ema_update(ema, vae, args.ema_decay, step)
 
         shown = {k: v for k, v in sums.items() if k == "loss_l1" or k == "loss" or (k in ("loss_gan_g", "loss_d") and gan_on)
                  or (k == "loss_enc" and encoder is not None)}

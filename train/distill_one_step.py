@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
         if ema is not None:
-            common.ema_update(ema, raw_student, args.ema_decay)
+            common.ema_update(ema, raw_student, args.ema_decay, step)
 
         progress.update({"loss": sums["loss"], "fm": sums["loss_fm"], "sd": sums["loss_sd"], "online": sums["loss_online"]})
         if step % args.log_every == 0 or step == args.max_steps:

@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             seen += len(z0) * accelerator.num_processes
         lr_schedule.step()
         if ema is not None:
-            common.ema_update(ema, raw_student, args.ema_decay)
+            common.ema_update(ema, raw_student, args.ema_decay, step)
 
         progress.update({"loss": sums["loss"], "out": sums["loss_out"], "feat": sums["loss_feat"]})
         if step % args.log_every == 0 or step == args.max_steps:
