@@ -101,10 +101,13 @@ def test_smoke_run_writes_every_phase_and_a_pipeline_that_samples_with_guidance(
     assert sorted(p.name for p in (smoke_run / "vae" / "samples").glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
     quality = json.loads((smoke_run / "vae" / "final" / "done.json").read_text())
     assert quality["downsampling_factor"] == 4 and math.isfinite(quality["val_psnr_db"])
-    assert {p.name for p in (smoke_run / "final").iterdir()} == {"model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", "vae"}
-    CLIPModel.from_pretrained(smoke_run / "eval_tower")  # the evaluation network
+    assert {p.name for p in (smoke_run / "final").iterdir()} == {"model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", "vae",
+                                                                 "eval_tower"}
+    CLIPModel.from_pretrained(smoke_run / "final" / "eval_tower")  # the evaluation network travels with the teacher
+    assert {t.dtype for t in load_file(smoke_run / "final" / "unet" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
 
-    pipe = StableDiffusionPipeline.from_pretrained(smoke_run / "final")
+    pipe = StableDiffusionPipeline.from_pretrained(smoke_run / "final")  # no torch_dtype: every part must come up fp32
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     assert pipe.vae_scale_factor == 4 and pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     pipe.set_progress_bar_config(disable=True)
     images = pipe("an emoji of a red circle, large", num_inference_steps=3, guidance_scale=3.0, output_type="pt",
@@ -127,3 +130,26 @@ def test_killed_run_resumes_to_the_same_teacher(smoke_run, tmp_path, stop_phase,
         a = load_file(next((killed / "final" / part).glob("*.safetensors")))
         b = load_file(next((smoke_run / "final" / part).glob("*.safetensors")))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
+
+
+def test_unet_cache_aligns_every_caption_with_its_text_states(smoke_args, tokenizer, tmp_path):
+    """More distinct captions than one encoding batch (128): row caption_index[i] must hold caption i's states."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from train import common
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**teacher.vae_config(smoke_args.vae_channels, smoke_args.resolution)).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=77)).eval()
+    captions = [f"an emoji number {i}" for i in range(300)] * 2
+    images = torch.zeros(len(captions), 3, smoke_args.resolution, smoke_args.resolution, dtype=torch.uint8)
+    cache = teacher.build_unet_cache(tmp_path / "cache.pt", vae, text_encoder, tokenizer, {"train_images": images, "train_captions": captions})
+    assert cache["states"].shape[0] == 301  # the empty caption + 300 distinct ones
+    with torch.no_grad():
+        for i in (0, 127, 128, 299, 450, 599):
+            expected = common.encode_prompts(tokenizer, text_encoder, [captions[i]])[0].half()
+            assert torch.allclose(cache["states"][cache["caption_index"][i]].float(), expected.float(), atol=2e-3), i
+        empty = common.encode_prompts(tokenizer, text_encoder, [""])[0].half()
+        assert torch.allclose(cache["states"][0].float(), empty.float(), atol=2e-3)

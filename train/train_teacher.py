@@ -21,14 +21,15 @@ Phases, each in OUTPUT_DIR/<phase>/ with its own checkpoints/, log.csv, samples/
    ||eps - eps_theta(x_t, t, c)||^2 (DDPM, Ho et al. 2020, Eq. 14) on SD's noise schedule, with caption
    dropout (the empty caption) so classifier-free guidance works (Ho & Salimans 2022, Eq. 6).
 Output: OUTPUT_DIR/final, a StableDiffusionPipeline folder (model_index.json, unet/, text_encoder/,
-tokenizer/, scheduler/ (DPM-Solver++ on SD's betas), vae/): `StableDiffusionPipeline.from_pretrained`.
+tokenizer/, scheduler/ (DPM-Solver++ on SD's betas), vae/): `StableDiffusionPipeline.from_pretrained`,
+U-Net and VAE stored in --save_dtype (fp16 by default; diffusers loads them as fp32 unless told otherwise),
+plus eval_tower/ (the evaluation network, which diffusers ignores). Score it with train/evaluate.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from train import common
+from train import common, evaluate
 
 PHASES = ("vae", "clip", "unet")
 # SD's noise schedule (training) and the sampler the final folder ships.
@@ -55,7 +56,7 @@ PRESETS = {
         "text_width": 32, "text_layers": 2, "vision_width": 32, "vision_layers": 2, "patch_size": 8, "projection_dim": 32,
         "clip_steps": 4, "clip_batch_size": 8, "clip_lr": 1e-3,
         "unet_channels": (16, 32), "unet_layers": 1, "unet_steps": 4, "unet_batch_size": 8, "unet_lr": 1e-3, "ema_decay": 0.9,
-        "caption_dropout": 0.1, "sample_steps": 4, "sample_guidance": 3.0,
+        "caption_dropout": 0.1, "sample_steps": 4, "sample_guidance": 3.0, "save_dtype": "fp16",
     },
     # full: steps sized from timing probes on the idle 2-core CPU, 2 threads (train/README.md): VAE 0.95 M params
     # 1.29 s/step, CLIP 8.0 M (6.3 M of it the token table) 0.63 s/step, U-Net 6.7 M 1.01 s/step -> 79 min of steps
@@ -66,7 +67,7 @@ PRESETS = {
         "text_width": 128, "text_layers": 4, "vision_width": 128, "vision_layers": 4, "patch_size": 8, "projection_dim": 128,
         "clip_steps": 1000, "clip_batch_size": 128, "clip_lr": 5e-4,
         "unet_channels": (64, 128, 128), "unet_layers": 1, "unet_steps": 2800, "unet_batch_size": 64, "unet_lr": 5e-4, "ema_decay": 0.999,
-        "caption_dropout": 0.1, "sample_steps": 25, "sample_guidance": 4.0,
+        "caption_dropout": 0.1, "sample_steps": 25, "sample_guidance": 4.0, "save_dtype": "fp16",
     },
 }
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop_phase", choices=PHASES, default="vae", help="the phase --stop_after_step counts in (default vae)")
     run.add_argument("--resolution", type=int, help="image side in pixels (preset)")
     run.add_argument("--num_threads", type=int, help="torch CPU threads, 0 = torch's default (preset)")
+    run.add_argument("--save_dtype", choices=("fp16", "fp32"), help="stored weights of the final U-Net, VAE and eval_tower (the text "
+                     "encoder stays fp32); fp16 halves them, and diffusers still loads them as fp32 by default (preset)")
 
     log = parser.add_argument_group("checkpoints and logging (every phase)")
     log.add_argument("--checkpoint_every", type=int, help="resumable checkpoint every N steps (preset)")
@@ -306,12 +309,6 @@ def vae_loss(vae, pixels: torch.Tensor, noise: torch.Tensor, kl_weight: float) -
     return loss, {"loss": loss.item(), "loss_l1": l1.item(), "loss_kl": kl.item()}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(a.clamp(-1, 1), b.clamp(-1, 1)).item()
-    return 10 * math.log10(4 / max(mse, 1e-12))
-
-
 def train_vae(args, data) -> tuple[object, dict]:
     from diffusers import AutoencoderKL
 
@@ -351,7 +348,7 @@ def train_vae(args, data) -> tuple[object, dict]:
         val_all = to_float(data["val_images"])
         recon = torch.cat([vae.decode(vae.encode(val_all[i : i + 64]).latent_dist.mean).sample for i in range(0, len(val_all), 64)])
     vae.register_to_config(scaling_factor=float(1 / z.std()))
-    quality = {"val_psnr_db": round(psnr(recon, val_all), 2), "val_l1": round(F.l1_loss(recon.clamp(-1, 1), val_all).item(), 4),
+    quality = {"val_psnr_db": round(evaluate.psnr_db(recon, val_all), 2), "val_l1": round(F.l1_loss(recon.clamp(-1, 1), val_all).item(), 4),
                "scaling_factor": vae.config.scaling_factor, "downsampling_factor": f, "n_val": len(val_all)}
     print(f"[vae] validation reconstruction: {quality}", file=sys.stderr)
     with common.atomic_dir(phase.dir / "final") as tmp:
@@ -390,16 +387,12 @@ def clip_loss(model, input_ids: torch.Tensor, pixels: torch.Tensor) -> tuple[tor
 
 @torch.no_grad()
 def retrieval_accuracy(model, tokenizer, images: torch.Tensor, captions: list[str]) -> float:
-    """Top-1 image->caption retrieval over the given set (chance = 1/N; duplicate captions count as hits)."""
+    """Top-1 image->caption retrieval of uint8 images over their captions (train/evaluate.py's metric)."""
     model.eval()
-    def features(out):  # transformers 5 returns an output object (projected embeddings in pooler_output)
-        return getattr(out, "pooler_output", out)
-
-    img = torch.cat([features(model.get_image_features(pixel_values=to_float(images[i : i + 128]))) for i in range(0, len(images), 128)])
-    txt = torch.cat([features(model.get_text_features(input_ids=tokenize(tokenizer, captions[i : i + 128]))) for i in range(0, len(captions), 128)])
-    best = (F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T).argmax(1)
+    text = evaluate.text_embeddings(model, tokenizer, captions)
+    accuracy = evaluate.retrieval_accuracy(evaluate.image_embeddings(model, to_float(images)), text, captions)
     model.train()
-    return sum(captions[b] == c for b, c in zip(best.tolist(), captions)) / len(captions)
+    return accuracy
 
 
 def train_clip(args, data, tokenizer):
@@ -471,9 +464,9 @@ def build_unet_cache(path: Path, vae, text_encoder, tokenizer, data) -> dict:
         mean.append(posterior.mean.half())
         std.append(posterior.std.half())
     captions = sorted(set(data["train_captions"]))
-    index = {c: i + 1 for i, c in enumerate(captions)}
-    states = [common.encode_prompts(tokenizer, text_encoder, [""] + captions[i : i + 127] if i == 0 else captions[i : i + 128])
-              for i in range(0, len(captions), 128)]
+    index = {c: i + 1 for i, c in enumerate(captions)}  # row 0: the empty caption
+    texts = [""] + captions
+    states = [common.encode_prompts(tokenizer, text_encoder, texts[i : i + 128]) for i in range(0, len(texts), 128)]
     cache = {"mean": torch.cat(mean), "std": torch.cat(std), "states": torch.cat(states).half(),
              "caption_index": torch.tensor([index[c] for c in data["train_captions"]])}
     tmp = path.with_suffix(".tmp")
@@ -532,7 +525,7 @@ def train_unet(args, data, vae, text_encoder, tokenizer):
         loss = diffusion_loss(unet, x0, states, noise, t, noise_scheduler)
         clip_grad_and_step(unet, optimizer, schedule, loss)
         if ema is not None:
-            common.ema_update(ema, unet, args.ema_decay)
+            common.ema_update(ema, unet, args.ema_decay, step)
         if phase.end_step(step, {"loss": loss.item()}, schedule.get_last_lr()[0], len(idx), sample_grid):
             return None
     phase.finish(sample_grid)
@@ -554,7 +547,7 @@ def final_scheduler():
 
 def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
     from sdxs.build import save_pipeline_folder
     from sdxs.tokenizer import cached_clip_tokenizer_dir
@@ -600,9 +593,16 @@ def main(argv: list[str] | None = None) -> int:
         if unet is None:
             return 0
 
-    components = {"scheduler": final_scheduler(), "text_encoder": text_encoder, "unet": unet, "vae": vae}
+    # The final folder: the pipeline, plus the evaluation network in eval_tower/ (diffusers ignores it).
+    # --save_dtype applies to the U-Net, the VAE and eval_tower/. The text encoder stays fp32: diffusers
+    # loads fp16 files as fp32 unless told otherwise, transformers keeps the stored dtype, and a fp16 text
+    # encoder beside a fp32 U-Net breaks a plain `StableDiffusionPipeline.from_pretrained(folder)`.
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.save_dtype]
+    components = {"scheduler": final_scheduler(), "text_encoder": text_encoder.float(), "unet": unet.to(dtype), "vae": vae.to(dtype)}
+    eval_tower = CLIPModel.from_pretrained(output_dir / "eval_tower", torch_dtype=dtype)
     with common.atomic_dir(output_dir / "final") as tmp:
         save_pipeline_folder(components, tokenizer_dir, tmp)
+        eval_tower.save_pretrained(tmp / "eval_tower")  # its tokenizer is the pipeline's tokenizer/
     print(f"Teacher pipeline saved to {output_dir / 'final'} (StableDiffusionPipeline.from_pretrained)", file=sys.stderr)
     return 0
 
