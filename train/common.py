@@ -53,6 +53,14 @@ SMOKE_PROMPTS = [
 # --- arguments and presets -----------------------------------------------------------------------
 
 
+# What every stage's --preset smoke shares: tiny data, fp32, one thread, a log row every step.
+SMOKE_RUN = dict(
+    resolution=64, num_samples=8, sampler_steps=2, guidance_scale=2.0, batch_size=4, grad_accum=1, lr_warmup_steps=0,
+    mixed_precision="no", gradient_checkpointing=False, num_threads=1, ema_decay=0.9, keep_checkpoints=2, log_every=1,
+    sample_every=10,
+)
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Flags every stage shares. Those whose help ends in "(preset)" default to the --preset's value (parse_args)."""
     run = parser.add_argument_group("run")

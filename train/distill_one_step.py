@@ -54,9 +54,7 @@ from train import common
 # identical to theirs; [Diff-Instruct] Luo et al. 2023; [ours] our choice (the paper gives none).
 PRESETS = {
     "smoke": dict(
-        resolution=64, num_samples=8, sampler_steps=2, guidance_scale=2.0,
-        batch_size=4, grad_accum=1, lr=1e-4, lr_warmup_steps=0, mixed_precision="no", gradient_checkpointing=False,
-        num_threads=1, ema_decay=0.9, max_steps=20, checkpoint_every=5, keep_checkpoints=2, log_every=1, sample_every=10,
+        **common.SMOKE_RUN, lr=1e-4, max_steps=20, checkpoint_every=5,
         psi_scheduler="dpmsolver++", pairs="cache", fm_encoder="unet", fm_layers="0,1,2", fm_weights="1,1,1",
         fm_timestep=10, fm_ssim_window=7, fm_warmup_steps=4,
         online_lr=1e-4, online_updates_per_step=1, real_guidance=1.75, t_range="0.02,0.98", sd_weighting="dmd2",

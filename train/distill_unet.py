@@ -51,9 +51,7 @@ from train import common
 # this stage; [ours] our choice (the paper gives none). See train/README.md.
 PRESETS = {
     "smoke": dict(
-        resolution=64, num_samples=8, sampler_steps=2, guidance_scale=2.0,
-        batch_size=4, grad_accum=1, lr=1e-3, lr_warmup_steps=0, mixed_precision="no", gradient_checkpointing=False,
-        num_threads=1, ema_decay=0.9, max_steps=30, checkpoint_every=10, keep_checkpoints=2, log_every=1, sample_every=10,
+        **common.SMOKE_RUN, lr=1e-3, max_steps=30, checkpoint_every=10,
         lambda_feat=1.0, caption_dropout=0.1, sample_steps=2, sample_guidance=2.0,
     ),
     "paper": dict(

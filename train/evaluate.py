@@ -112,14 +112,20 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor
 # --- data, sampling, grid ------------------------------------------------------------------------
 
 
-def load_split(folder: Path, caption_column: str, resolution: int) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """Images in [-1, 1] (N, 3, R, R), captions, and the metadata rows of an imagefolder split."""
+def load_split(folder: Path, caption_column: str, resolution: int, limit: int = 0, pick_seed: int | None = None
+               ) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """Images in [-1, 1] (N, 3, R, R), captions, and the metadata rows of an imagefolder split: the first
+    `limit` entries (0 = all), or with `pick_seed` that many drawn at random; only those images are read."""
     from train import common
 
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
     source = common.read_sources(None, str(folder), caption_column, None, 0)
-    images = torch.stack([common.load_image(p, resolution) for p in source.images])
-    return images, source.prompts, rows
+    keep = list(range(len(rows)))
+    if pick_seed is not None:
+        keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(pick_seed)).tolist()
+    keep = keep[:limit] if limit else keep
+    images = torch.stack([common.load_image(source.images[i], resolution) for i in keep])
+    return images, [source.prompts[i] for i in keep], [rows[i] for i in keep]
 
 
 @torch.no_grad()
@@ -208,12 +214,8 @@ def evaluate(args) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(tower_dir if (tower_dir / "tokenizer_config.json").is_file() else model_dir / "tokenizer")
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
-    val, captions, rows = load_split(data_dir / "val", args.caption_column, resolution)
-    if args.num_images:
-        val, captions, rows = val[: args.num_images], captions[: args.num_images], rows[: args.num_images]
-    train_images, _, _ = load_split(data_dir / "train", args.caption_column, resolution)
-    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))[: len(val)]
-    train_images = train_images[pick]
+    val, captions, rows = load_split(data_dir / "val", args.caption_column, resolution, limit=args.num_images)
+    train_images, _, _ = load_split(data_dir / "train", args.caption_column, resolution, limit=len(val), pick_seed=args.seed)
     print(f"{len(val)} val images at {resolution} px; evaluation network {tower_dir}", file=sys.stderr)
 
     text = text_embeddings(tower, tokenizer, captions)
@@ -224,8 +226,8 @@ def evaluate(args) -> dict:
                 "fd": round(frechet_distance(emb, real), 3)}
 
     metrics = {"model": str(model_dir), "eval_tower": str(tower_dir), "data": str(data_dir), "n_val": len(val), "resolution": resolution,
-               "chance_top1": round(1 / len(val), 4), "real_val": scores(real), "real_train_vs_val": scores(image_embeddings(tower, train_images))}
-    metrics["real_train_vs_val"].pop("top1"), metrics["real_train_vs_val"].pop("top5")  # other images, other captions: FD only
+               "chance_top1": round(1 / len(val), 4), "real_val": scores(real),
+               "real_train_vs_val": {"fd": round(frechet_distance(image_embeddings(tower, train_images), real), 3)}}  # other captions: FD only
 
     if type(pipe.vae).__name__ == "AutoencoderKL":  # a tiny decoder's encoder is not ours to score
         recon = reconstruct(pipe.vae, val)

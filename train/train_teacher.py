@@ -346,7 +346,7 @@ def train_vae(args, data) -> tuple[object, dict]:
         sample = to_float(data["train_images"][: 512])
         z = torch.cat([vae.encode(sample[i : i + 64]).latent_dist.mean for i in range(0, len(sample), 64)])
         val_all = to_float(data["val_images"])
-        recon = torch.cat([vae.decode(vae.encode(val_all[i : i + 64]).latent_dist.mean).sample for i in range(0, len(val_all), 64)])
+        recon = evaluate.reconstruct(vae, val_all)
     vae.register_to_config(scaling_factor=float(1 / z.std()))
     quality = {"val_psnr_db": round(evaluate.psnr_db(recon, val_all), 2), "val_l1": round(F.l1_loss(recon.clamp(-1, 1), val_all).item(), 4),
                "scaling_factor": vae.config.scaling_factor, "downsampling_factor": f, "n_val": len(val_all)}
