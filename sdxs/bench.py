@@ -4,12 +4,14 @@
     python -m sdxs.bench --rows torch,openvino --runs 3   # a subset
     python -m sdxs.bench --device cuda --rows upstream,torch,torch-compile --batch 16
     python -m sdxs.bench --model path/to/folder           # a real (or the mini) model folder
+    python -m sdxs.bench --rows torch,openvino,peer,peer-fp32 --peer-python peer-venv/bin/python
 
 Each row runs in its own process (clean peak RSS, no shared caches): the model is built (exact
 architecture, random weights: compute does not depend on the values) or loaded, one warm-up call
 is timed as the first call (tracing/compiling included), then `--runs` timed calls at batch 1 and
 at `--batch`. The parent measures this machine's fp32 matmul peak and the U-Net's FLOPs, compares
 every row's image with the plain fp32 engine's image for the same seed, and writes JSON + markdown.
+The peer rows (FastSD CPU's engine) run under a separate interpreter: see sdxs/bench_peer.py.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ ROWS = {
     "openvino": "(c) this engine, OpenVINO fp32 (static shapes)",
     "openvino-bf16": "(c) this engine, OpenVINO bf16 (option; CPUs with native bf16)",
     "torch-compile": "(c) this engine, torch.compile + channels_last (GPU path)",
+    "peer": "(d) peer: FastSD CPU's engine (optimum-intel OV pipeline + TAESD), OpenVINO's default precision",
+    "peer-fp32": "(d) peer: FastSD CPU's engine, fp32 precision hint",
 }
+PEER_ROWS = ("peer", "peer-fp32")
 PROMPT = "a close-up picture of an old man standing in the rain"
 
 
@@ -265,8 +270,9 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        if "error" in r:
-            lines.append(f"| {ROWS.get(name, name)} | failed: {r['error']} |" + " |" * 10)
+        if "error" in r or "not_run" in r:
+            why = f"not run: {r['not_run']}" if "not_run" in r else f"failed: {r['error']}"
+            lines.append(f"| {ROWS.get(name, name)} | {why} |" + " |" * 10)
             continue
         s = r["stages_s"]
         speedup = ref["stages_s"]["total"]["median"] / s["total"]["median"] if ref and "stages_s" in ref else float("nan")
@@ -282,6 +288,42 @@ def markdown(report: dict) -> str:
     networks = "text encoder + U-Net + ControlNet + both VAEs" if report["mode"] == "sketch" else "text encoder + U-Net + both VAEs"
     lines += ["", f"fp32 weights of the one-step networks ({networks}): {report['fp32_weights_bytes'] / 2**30:.2f} GiB."]
     return "\n".join(lines) + "\n"
+
+
+def peer_problem(args) -> str | None:
+    """Why the peer rows cannot run here, or None."""
+    if args.mode != "text":
+        return "the peer rows are text-to-image only"
+    if args.device != "cpu":
+        return "the peer rows run on the CPU"
+    if not args.peer_python:
+        return "needs --peer-python, an interpreter with optimum-intel (see sdxs/bench_peer.py)"
+    if not Path(args.peer_python).is_file():
+        return f"--peer-python {args.peer_python} does not exist"
+    return None
+
+
+def prepare_peer(args, tmp: Path) -> Path:
+    """The peer's OpenVINO export of the benchmarked model (saved first when it is built with random
+    weights), and the batch-1 initial noise of seed 0, so its image compares with row (b)'s."""
+    from sdxs.engine import seeded_noise
+
+    np.save(tmp / "noise.npy", seeded_noise([0], 4, 512, 512).numpy())
+    folder = Path(args.model)
+    if not folder.is_dir():
+        import dataclasses
+
+        from sdxs.build import build_components, save_pipeline_folder
+        from sdxs.registry import MODELS
+        from sdxs.tokenizer import cached_clip_tokenizer_dir
+
+        architecture = dataclasses.replace(MODELS[args.model].architecture, controlnet=None)
+        folder = tmp / "model"
+        save_pipeline_folder(build_components(architecture), cached_clip_tokenizer_dir(), folder)
+    print("[bench] exporting the model for the peer (optimum-cli export openvino) ...", file=sys.stderr, flush=True)
+    subprocess.run([args.peer_python, str(Path(__file__).with_name("bench_peer.py")), "export", str(folder), str(tmp / "peer-ov")],
+                   check=True, capture_output=True)
+    return tmp / "peer-ov"
 
 
 def run_parent(args) -> dict:
@@ -307,10 +349,21 @@ def run_parent(args) -> dict:
     else:
         report["fp32_weights_bytes"] = sum(p.stat().st_size for p in Path(args.model).rglob("*.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
+        peer_folder = None
         for row in rows:
             out = Path(tmp) / f"{row}.json"
             cmd = [sys.executable, "-m", "sdxs.bench", "--worker", row, "--json-out", str(out), "--model", args.model, "--mode", args.mode,
                    "--device", args.device, "--runs", str(args.runs), "--batch", str(args.batch)] + (["--dtype", args.dtype] if args.dtype else [])
+            if row in PEER_ROWS:
+                problem = peer_problem(args)
+                if problem:
+                    report["rows"][row] = {"not_run": problem}
+                    print(f"[bench] {row}: not run: {problem}", file=sys.stderr, flush=True)
+                    continue
+                peer_folder = peer_folder or prepare_peer(args, Path(tmp))
+                cmd = [args.peer_python, str(Path(__file__).with_name("bench_peer.py")), "run", str(peer_folder), "--row", row,
+                       "--precision", "f32" if row == "peer-fp32" else "default", "--noise", str(Path(tmp) / "noise.npy"),
+                       "--prompt", PROMPT, "--runs", str(args.runs), "--batch", str(args.batch), "--json-out", str(out)]
             print(f"[bench] {row} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not out.exists():
@@ -340,6 +393,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per row after the warm-up (default 5)")
     parser.add_argument("--batch", type=int, default=4, help="batch size for the batched throughput (default 4)")
+    parser.add_argument("--peer-python", default=os.environ.get("SDXS_PEER_PYTHON"),
+                        help="interpreter of a venv with optimum-intel, for the peer rows (see sdxs/bench_peer.py; default $SDXS_PEER_PYTHON)")
     parser.add_argument("--out", default="docs/benchmarks", help="writes OUT.json and OUT-table.md (default docs/benchmarks)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json-out", default=None, help=argparse.SUPPRESS)

@@ -81,11 +81,37 @@ def save_pipeline_folder(components: dict, tokenizer_dir: str | Path, dest: str 
         "vae": ["diffusers", type(components["vae"]).__name__],
     }
     (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for name in ["scheduler", "text_encoder", "unet", "vae", "vae_large", "controlnet"]:
+    for name in ["scheduler", "unet", "vae", "vae_large", "controlnet"]:
         if name in components:
             components[name].save_pretrained(dest / name)
+    save_text_encoder(components["text_encoder"], dest / "text_encoder")
     shutil.copytree(tokenizer_dir, dest / "tokenizer")
     return dest
+
+
+def save_text_encoder(text_encoder, dest: str | Path) -> Path:
+    """`CLIPTextModel.save_pretrained`, with the weight names of the released checkpoints
+    ("text_model.encoder...."). transformers 5.23 writes them without the "text_model." prefix, which
+    it reads back, but older transformers (and tools pinned to them, like optimum-intel) silently
+    load such a file as a randomly initialised text encoder."""
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(dest)
+    text_encoder.save_pretrained(dest)
+    index_file = dest / "model.safetensors.index.json"
+    if index_file.exists():
+        index = json.loads(index_file.read_text())
+        index["weight_map"] = {_hub_name(k): v for k, v in index["weight_map"].items()}
+        index_file.write_text(json.dumps(index, indent=2))
+    for file in dest.glob("*.safetensors"):
+        weights = load_file(file)
+        if any(not k.startswith("text_model.") for k in weights):
+            save_file({_hub_name(k): v for k, v in weights.items()}, file, metadata={"format": "pt"})
+    return dest
+
+
+def _hub_name(key: str) -> str:
+    return key if key.startswith("text_model.") else "text_model." + key
 
 
 def make_tiny(dest: str | Path, *, seed: int = 0, controlnet: bool = True) -> Path:

@@ -77,3 +77,21 @@ def test_with_lora_variant_shares_all_but_the_unet(tiny_lora_dir, tiny_model_dir
     b = np.asarray(merged.text_to_image("a cat", seed=4).images[0]).astype(int)
     assert np.abs(a - b).max() <= 1
     assert not any("lora" in name for name in tiny_engine.components.unet.state_dict())
+
+
+def test_text_encoder_is_saved_with_the_released_weight_names(tiny_model_dir):
+    """Older transformers (and optimum-intel, pinned to them) read only "text_model."-prefixed names,
+    as in the released checkpoints; with other names they silently build a random text encoder."""
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    from sdxs.build import build_components
+    from sdxs.registry import TINY
+
+    with safe_open(tiny_model_dir / "text_encoder" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert names and all(name.startswith("text_model.") for name in names)
+    loaded = CLIPTextModel.from_pretrained(tiny_model_dir / "text_encoder").state_dict()
+    built = build_components(TINY, seed=0)["text_encoder"].state_dict()
+    assert loaded.keys() == built.keys()
+    assert all(torch.equal(loaded[k], built[k]) for k in built)

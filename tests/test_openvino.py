@@ -73,3 +73,15 @@ def test_lora_variant_on_openvino(ov_engine, tiny_engine, tiny_lora_dir):
     reference = tiny_engine.with_lora(str(tiny_lora_dir))
     assert variant.components.text_encoder is ov_engine.components.text_encoder
     assert max_diff(variant.text_to_image("a cat", seed=2).images[0], reference.text_to_image("a cat", seed=2).images[0]) <= 2
+
+
+def test_auto_falls_back_to_torch_when_openvino_would_not_fit(tiny_model_dir, monkeypatch, caplog):
+    import sdxs.openvino_backend as ovb
+
+    monkeypatch.setattr(ovb, "available_memory_bytes", lambda: 1024)
+    assert SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="auto").backend == "torch"
+    assert "OpenVINO would need about" in caplog.text and "--backend openvino" in caplog.text
+    # Asked for by name, OpenVINO is used all the same; with memory to spare, auto picks it.
+    assert SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="openvino").backend == "openvino"
+    monkeypatch.setattr(ovb, "available_memory_bytes", lambda: 2**40)
+    assert SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="auto").backend == "openvino"
