@@ -85,6 +85,16 @@ class _Compiled:
         self.convert_seconds = 0.0
 
     def __call__(self, *inputs: torch.Tensor) -> list[np.ndarray]:
+        batch = inputs[0].shape[0]
+        if batch > 1:
+            # A batch runs as batch-1 calls: on a CPU batching gains ~5% throughput (measured 0.40 vs
+            # 0.42 images/s), while each new static batch size costs another compile (20-35 s for
+            # the U-Net) and another repacked copy of every weight (+1.6 GiB for SDXS-512).
+            parts = [self._run([x[i : i + 1] if x.shape[0] == batch else x for x in inputs]) for i in range(batch)]
+            return [np.concatenate(outputs) for outputs in zip(*parts)]
+        return self._run(inputs)
+
+    def _run(self, inputs) -> list[np.ndarray]:
         arrays = [x.detach().cpu().numpy() for x in inputs]
         key = tuple(a.shape for a in arrays)
         compiled = self.compiled.get(key)

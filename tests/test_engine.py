@@ -103,3 +103,14 @@ def test_engine_does_not_mutate_shared_modules(tiny_engine):
     after = tiny_engine.components.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert next(tiny_engine.components.unet.parameters()).dtype == torch.float32
+
+
+def test_torch_compile_backend_matches_eager(tiny_model_dir, tiny_engine):
+    """The GPU path's backend (channels_last + torch.compile; CUDA graphs on a GPU), run on the CPU."""
+    from sdxs import SDXSEngine
+
+    engine = SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="torch-compile")
+    for decoder in ("tiny", "large"):
+        got = np.asarray(engine.text_to_image("a red circle", seed=3, decoder=decoder).images[0]).astype(int)
+        want = np.asarray(tiny_engine.text_to_image("a red circle", seed=3, decoder=decoder).images[0]).astype(int)
+        assert np.abs(got - want).max() <= 1

@@ -59,6 +59,21 @@ def test_residual_shapes_match_the_controlnet(tiny_engine):
     assert residual_shapes(unet.config, 2, 64, 64) == [tuple(r.shape) for r in [*down, mid]]
 
 
+def test_batches_run_on_the_batch_one_compiled_models(ov_engine, tiny_engine):
+    """A batch of 3 (and a sketch batch, whose ControlNet takes a batch-less scale) compiles nothing new."""
+    ov_engine.text_to_image("warm", seed=0)
+    ov_engine.sketch_to_image(sketch(), "warm", seed=0)
+    nets = [ov_engine.components.text_encoder.net, ov_engine.components.unet.net, ov_engine.components.controlnet.net]
+    before = [len(net.compiled) for net in nets]
+    got = ov_engine.text_to_image("a dog", seed=4, num_images=3).images
+    want = tiny_engine.text_to_image("a dog", seed=4, num_images=3).images
+    assert all(max_diff(g, w) <= 1 for g, w in zip(got, want))
+    got = ov_engine.sketch_to_image(sketch(), "a dog", seed=4, num_images=2).images
+    want = tiny_engine.sketch_to_image(sketch(), "a dog", seed=4, num_images=2).images
+    assert all(max_diff(g, w) <= 1 for g, w in zip(got, want))
+    assert [len(net.compiled) for net in nets] == before == [1, 1, 1]
+
+
 def test_converted_models_are_cached_on_disk(ov_engine, tiny_model_dir):
     ov_engine.text_to_image("a cat")
     cache = ir_cache_dir((str(tiny_model_dir),), "f32")
