@@ -275,14 +275,14 @@ def markdown(report: dict) -> str:
             lines.append(f"| {ROWS.get(name, name)} | {why} |" + " |" * 10)
             continue
         s = r["stages_s"]
-        speedup = ref["stages_s"]["total"]["median"] / s["total"]["median"] if ref and "stages_s" in ref else float("nan")
+        speedup = f"{ref['stages_s']['total']['median'] / s['total']['median']:.2f}x" if ref and "stages_s" in ref else "n/a"
         unet_gflops = report["unet_gflop"] / s["unet"]["median"]
         agreement = r.get("agreement", {})
         agree = f"max diff {agreement['max_abs_diff']}/255, PSNR {agreement['psnr_db']:.1f} dB" if agreement else "reference"
         lines.append(
             f"| {ROWS.get(name, name)} | {s['text_encoder']['median'] * 1000:.0f} ms | {s['unet']['median'] * 1000:.0f} ms | "
             f"{s['decoder']['median'] * 1000:.0f} ms | **{s['total']['median'] * 1000:.0f} ms** ({s['total']['min'] * 1000:.0f}-{s['total']['max'] * 1000:.0f}) | "
-            f"{speedup:.2f}x | {r['images_per_s_batch1']:.2f} | {r[f'images_per_s_batch{batch}']:.2f} | {r['first_call_s']:.1f} s | "
+            f"{speedup} | {r['images_per_s_batch1']:.2f} | {r[f'images_per_s_batch{batch}']:.2f} | {r['first_call_s']:.1f} s | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {unet_gflops:.0f} ({100 * unet_gflops / report['matmul_peak_gflops']:.0f}%) | {agree} |"
         )
     networks = "text encoder + U-Net + ControlNet + both VAEs" if report["mode"] == "sketch" else "text encoder + U-Net + both VAEs"
