@@ -42,6 +42,7 @@ ROWS = {
     "peer-fp32": "(d) peer: FastSD CPU's engine, fp32 precision hint",
 }
 PEER_ROWS = ("peer", "peer-fp32")
+PEER_SCRIPT = str(Path(__file__).with_name("bench_peer.py"))  # run by --peer-python, not imported
 PROMPT = "a close-up picture of an old man standing in the rain"
 
 
@@ -321,7 +322,7 @@ def prepare_peer(args, tmp: Path) -> Path:
         folder = tmp / "model"
         save_pipeline_folder(build_components(architecture), cached_clip_tokenizer_dir(), folder)
     print("[bench] exporting the model for the peer (optimum-cli export openvino) ...", file=sys.stderr, flush=True)
-    subprocess.run([args.peer_python, str(Path(__file__).with_name("bench_peer.py")), "export", str(folder), str(tmp / "peer-ov")],
+    subprocess.run([args.peer_python, PEER_SCRIPT, "export", str(folder), str(tmp / "peer-ov")],
                    check=True, capture_output=True)
     return tmp / "peer-ov"
 
@@ -361,7 +362,7 @@ def run_parent(args) -> dict:
                     print(f"[bench] {row}: not run: {problem}", file=sys.stderr, flush=True)
                     continue
                 peer_folder = peer_folder or prepare_peer(args, Path(tmp))
-                cmd = [args.peer_python, str(Path(__file__).with_name("bench_peer.py")), "run", str(peer_folder), "--row", row,
+                cmd = [args.peer_python, PEER_SCRIPT, "run", str(peer_folder), "--row", row,
                        "--precision", "f32" if row == "peer-fp32" else "default", "--noise", str(Path(tmp) / "noise.npy"),
                        "--prompt", PROMPT, "--runs", str(args.runs), "--batch", str(args.batch), "--json-out", str(out)]
             print(f"[bench] {row} ...", file=sys.stderr, flush=True)

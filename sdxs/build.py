@@ -94,24 +94,9 @@ def save_text_encoder(text_encoder, dest: str | Path) -> Path:
     ("text_model.encoder...."). transformers 5.23 writes them without the "text_model." prefix, which
     it reads back, but older transformers (and tools pinned to them, like optimum-intel) silently
     load such a file as a randomly initialised text encoder."""
-    from safetensors.torch import load_file, save_file
-
-    dest = Path(dest)
-    text_encoder.save_pretrained(dest)
-    index_file = dest / "model.safetensors.index.json"
-    if index_file.exists():
-        index = json.loads(index_file.read_text())
-        index["weight_map"] = {_hub_name(k): v for k, v in index["weight_map"].items()}
-        index_file.write_text(json.dumps(index, indent=2))
-    for file in dest.glob("*.safetensors"):
-        weights = load_file(file)
-        if any(not k.startswith("text_model.") for k in weights):
-            save_file({_hub_name(k): v for k, v in weights.items()}, file, metadata={"format": "pt"})
-    return dest
-
-
-def _hub_name(key: str) -> str:
-    return key if key.startswith("text_model.") else "text_model." + key
+    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_encoder.state_dict().items()}
+    text_encoder.save_pretrained(dest, state_dict=state)
+    return Path(dest)
 
 
 def make_tiny(dest: str | Path, *, seed: int = 0, controlnet: bool = True) -> Path:

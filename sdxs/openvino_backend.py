@@ -66,7 +66,7 @@ def memory_shortfall(components) -> str | None:
     available = available_memory_bytes()
     if available is None or available >= needed:
         return None
-    return (f"OpenVINO would need about {needed / 2**30:.1f} GiB more memory, and {available / 2**30:.1f} GiB is available.")
+    return f"OpenVINO would need about {needed / 2**30:.1f} GiB more memory, and {available / 2**30:.1f} GiB is available."
 
 
 class _Compiled:
