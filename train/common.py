@@ -108,6 +108,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr_warmup_steps", type=int, help="linear warm-up steps, then constant (preset)")
     opt.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default 1.0)")
+    opt.add_argument("--skip_nonfinite", type=int, default=0,
+                     help="skip up to N optimizer steps whose loss or gradient norm is NaN/inf (as AMP's grad scaler does) "
+                          "before stopping the run; 0 = stop at the first (default 0)")
     opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                      help="autocast precision of the student; frozen teacher parts run in this dtype; 'no' on a CPU (preset)")
     opt.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -554,6 +557,49 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         e.lerp_(p.detach().to(e.dtype), 1 - d)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+# --- finite-loss guard ---------------------------------------------------------------------------
+
+
+class NonFiniteLossError(SystemExit):
+    """A non-finite loss or gradient norm: the run stops (exit code 1) before the bad update is applied."""
+
+
+def grad_norm_and_clip(accelerator, parameters, max_grad_norm: float) -> float:
+    """Clip the gradients to `max_grad_norm` (0 = no clipping) and return their total norm before clipping."""
+    return float(accelerator.clip_grad_norm_(list(parameters), max_grad_norm if max_grad_norm > 0 else float("inf")))
+
+
+class FiniteGuard:
+    """Checked after the backward pass and before every optimizer step, so a NaN/inf loss or gradient
+    never reaches the weights, the EMA or a checkpoint: `check` returns True when the step may be taken,
+    False when it must be skipped (gradients zeroed, no optimizer step; at most `max_skips` times in a
+    run, as AMP's grad scaler skips steps), and otherwise stops the run with one message naming the step
+    and the loss term. Checkpoints are only ever written after a checked step, so the newest one on disk
+    is the last good state and is never rotated out by a bad one."""
+
+    def __init__(self, max_skips: int, output_dir: Path):
+        self.max_skips, self.output_dir, self.skipped = max_skips, Path(output_dir), 0
+
+    def check(self, step: int, terms: dict, grad_norm: float | None = None, model: str = "student") -> bool:
+        values = {name: float(value) for name, value in terms.items()}
+        if grad_norm is not None:
+            values["gradient norm"] = float(grad_norm)
+        bad = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
+        if not bad:
+            return True
+        if self.skipped < self.max_skips:
+            self.skipped += 1
+            print(f"warning: step {step}: non-finite {', '.join(bad)} ({model}); skipped this update "
+                  f"({self.skipped} of --skip_nonfinite {self.max_skips}).", file=sys.stderr)
+            return False
+        done = _complete_checkpoints(self.output_dir)
+        last = f"the last good checkpoint is {done[-1]} (--resume latest continues from it)" if done else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"error: step {step}: non-finite {', '.join(bad)} ({model}). Stopped before applying this update; nothing was "
+            f"saved after it: {last}. Usually the learning rate is too high (lower --lr) or the data holds bad values; "
+            f"--skip_nonfinite N skips up to N such steps (now {self.max_skips}).")
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
