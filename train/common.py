@@ -2,7 +2,8 @@
 
 - arguments and presets: `add_common_args`, `parse_args` (a preset fills every default it names;
   explicit flags win; --help shows each preset's value);
-- teacher: `load_teacher` (hub id or local diffusers folder, through sdxs.loading.resolve_model_dir),
+- teacher: `load_teacher` (hub id or local diffusers folder, through `resolve_model`: sdxs.loading's
+  resolver with messages that name the script's flag), `model_fingerprint` (keys caches by content),
   `encode_prompts`, `sample_latents` (the teacher's multi-step sampler, DPM-Solver++ with CFG);
 - data: a prompts file ("almost data-free") or an image-caption folder (Hugging Face imagefolder:
   images + metadata.jsonl), turned once into a cache of teacher latents (and teacher images) on disk:
@@ -202,26 +203,40 @@ class Teacher:
     scheduler_config: dict
 
 
-def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: bool = True) -> Teacher:
+def resolve_model(model: str, flag: str, *, subfolders_with_weights: tuple[str, ...] = ()) -> Path:
+    """sdxs.loading.resolve_model_dir for a training script's flag: a model that is neither a folder nor
+    fetchable stops the run with the loader's message, naming this script's flag (--teacher, --student,
+    --psi_teacher, --tiny_decoder, ...) where the loader's says --model, and without the loader's list of
+    the released one-step models (which are no teachers)."""
+    from sdxs.loading import ModelNotFoundError, resolve_model_dir
+    from sdxs.registry import MODELS
+
+    try:
+        return resolve_model_dir(model, subfolders_with_weights=subfolders_with_weights)
+    except ModelNotFoundError as err:
+        message = str(err).replace("--model", flag).replace(f" ({', '.join(MODELS)})", "")
+        raise SystemExit(f"error: {flag} {model}: {message}") from None
+
+
+def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: bool = True, flag: str = "--teacher") -> Teacher:
     """Load a teacher (hub id or local diffusers folder) frozen, in eval mode, on `device`.
 
     The folder is found by sdxs.loading.resolve_model_dir (the project's loader: HF cache, HF_HOME and
     HF_HUB_OFFLINE respected); each part is read with diffusers/transformers from_pretrained. A pipeline
     in the SDXS layout (tiny vae/ + vae_large/) works too: its AutoencoderKL is taken from vae_large/.
+    `flag` is the script's flag that named the model, for the error messages.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sdxs.loading import resolve_model_dir
-
-    root = resolve_model_dir(model, subfolders_with_weights=("unet", "text_encoder", "vae"))
+    root = resolve_model(model, flag, subfolders_with_weights=("unet", "text_encoder", "vae"))
     missing = [sub for sub in ("tokenizer", "text_encoder", "scheduler", "vae", *(["unet"] if unet else [])) if not (root / sub).is_dir()]
     if missing:
-        raise SystemExit(f"Teacher '{model}' ({root}) is not a pipeline folder in diffusers layout: missing {', '.join(missing)}.")
+        raise SystemExit(f"{flag} {model} ({root}) is not a pipeline folder in diffusers layout: missing {', '.join(missing)}.")
     vae_dir = root / "vae_large" if (root / "vae_large").is_dir() else root / "vae"
     vae_class = json.loads((vae_dir / "config.json").read_text()).get("_class_name")
     if vae_class != "AutoencoderKL":
-        raise SystemExit(f"Teacher '{model}': {vae_dir} holds a {vae_class}; the teacher's decoder must be an AutoencoderKL.")
+        raise SystemExit(f"{flag} {model}: {vae_dir} holds a {vae_class}; the teacher's decoder must be an AutoencoderKL.")
     teacher = Teacher(
         root=root,
         tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
@@ -287,24 +302,69 @@ class Source:
     images: list[Path] | None
     mode: str  # "sample" or "encode"
     fingerprint: str  # hash of the source's content
+    records: list[dict] | None = None  # an image folder's kept metadata lines, aligned with prompts
+    report: dict | None = None  # an image folder's DataReport.as_dict(): what was kept and skipped
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_BAD_FRACTION = 0.05  # --max_bad_fraction's default
+
+
+@dataclass
+class DataReport:
+    """What read_sources kept and skipped of an image-caption folder: each skipped record as a short
+    label ("bad.png", "line 7") with its reason."""
+
+    folder: str
+    examined: int = 0
+    kept: int = 0
+    undecodable: list[tuple[str, str]] | None = None  # (label, reason): missing, not an image, truncated ...
+    no_caption: list[tuple[str, str]] | None = None  # (label, reason): no caption key, empty caption, no metadata line
+
+    def __post_init__(self):
+        self.undecodable = list(self.undecodable or [])
+        self.no_caption = list(self.no_caption or [])
+
+    @property
+    def skipped(self) -> int:
+        return len(self.undecodable) + len(self.no_caption)
+
+    def summary(self, examples: int = 3) -> str:
+        """One line: "data: skipped 2 of 50 records in DIR (1 undecodable image: bad.png; 1 without a caption: line 7)"."""
+        parts = []
+        for items, one, many in ((self.undecodable, "undecodable image", "undecodable images"),
+                                 (self.no_caption, "without a caption", "without a caption")):
+            if items:
+                names = ", ".join(label for label, _ in items[:examples]) + (", ..." if len(items) > examples else "")
+                parts.append(f"{len(items)} {one if len(items) == 1 else many}: {names}")
+        return f"data: skipped {self.skipped} of {self.examined} records in {self.folder} ({'; '.join(parts)})"
+
+    def details(self, examples: int = 5) -> str:
+        """The first few skipped records with their reasons, one per line."""
+        items = (self.undecodable + self.no_caption)[:examples]
+        return "\n".join(f"  {label}: {reason}" for label, reason in items)
+
+    def as_dict(self) -> dict:
+        return {"folder": self.folder, "examined": self.examined, "kept": self.kept, "skipped": self.skipped,
+                "undecodable": [f"{label}: {reason}" for label, reason in self.undecodable],
+                "without_caption": [f"{label}: {reason}" for label, reason in self.no_caption]}
 
 
 def read_sources(prompts_file: str | None, image_folder: str | None, caption_column: str, latents: str | None,
-                 num_samples: int, default_prompts: list[str] | None = None) -> Source:
-    """Read a prompts file or an imagefolder (images + metadata.jsonl); `default_prompts` when neither."""
+                 num_samples: int, default_prompts: list[str] | None = None, *, max_bad_fraction: float = MAX_BAD_FRACTION) -> Source:
+    """Read a prompts file or an imagefolder (images + metadata.jsonl); `default_prompts` when neither.
+
+    In an image folder, records whose image does not decode (missing, not an image, truncated) or
+    that have no caption (no caption key, an empty caption, an image without a metadata line) are
+    skipped, counted, and summed up in one line on stderr and in Source.report; when more than
+    `max_bad_fraction` of the records examined are bad the run is refused (see read_image_folder).
+    """
     if prompts_file and image_folder:
         raise SystemExit("Give --prompts or --image_folder, not both.")
+    records = report = None
     if image_folder:
-        folder = Path(image_folder)
-        meta = folder / "metadata.jsonl"
-        if not meta.is_file():
-            raise SystemExit(f"{folder} has no metadata.jsonl: an imagefolder holds images plus one JSON line per image, "
-                             f'e.g. {{"file_name": "0001.png", "{caption_column}": "a photo of a cat"}}.')
-        rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-        bad = [r for r in rows if "file_name" not in r or caption_column not in r]
-        if bad:
-            raise SystemExit(f"{meta}: {len(bad)} line(s) lack 'file_name' or '{caption_column}' (see --caption_column), e.g. {bad[0]}.")
-        prompts, images, content = [r[caption_column] for r in rows], [folder / r["file_name"] for r in rows], meta.read_bytes()
+        records, images, report, fingerprint = read_image_folder(Path(image_folder), caption_column, num_samples, max_bad_fraction)
+        prompts = [r[caption_column] for r in records]
         mode = latents or "encode"
     else:
         if prompts_file:
@@ -319,19 +379,136 @@ def read_sources(prompts_file: str | None, image_folder: str | None, caption_col
         if latents == "encode":
             raise SystemExit("--latents encode needs images: pass --image_folder.")
         mode = "sample"
-    if num_samples:
-        prompts = prompts[:num_samples]
-        images = images[:num_samples] if images else images
+        prompts = prompts[:num_samples] if num_samples else prompts
+        fingerprint = hashlib.sha1(content).hexdigest()[:16]
     if not prompts:
         raise SystemExit("The data source is empty.")
-    return Source(prompts, images if mode == "encode" else None, mode, hashlib.sha1(content).hexdigest()[:16])
+    return Source(prompts, images if mode == "encode" else None, mode, fingerprint, records, report.as_dict() if report else None)
+
+
+def check_image(path: Path) -> str | None:
+    """None when the file at `path` decodes as an image, else the reason it does not. Both PIL checks
+    are needed: verify() reads the whole file and checks a PNG's chunk checksums (it catches a PNG cut
+    short even where its pixels still decode) but passes a truncated JPEG; load() decodes the pixels and
+    catches that. About 0.4 ms for a 64 px PNG, 10 ms for a 512 px PNG on one core (train/README.md)."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:  # verify() leaves the image unusable: open it again to decode
+            image.load()
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ... for bad files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _parse_metadata(meta: Path) -> list[tuple[int, dict | None, str]]:
+    """(line number, record or None, why not) for every non-blank line of metadata.jsonl."""
+    parsed = []
+    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            parsed.append((number, None, f"not a JSON line ({err.msg})"))
+            continue
+        parsed.append((number, record, "") if isinstance(record, dict) else (number, None, "not a JSON object"))
+    return parsed
+
+
+def read_image_folder(folder: Path, caption_column: str, num_samples: int, max_bad_fraction: float
+                      ) -> tuple[list[dict], list[Path], DataReport, str]:
+    """The usable records of an imagefolder in metadata order (the first `num_samples` of them, 0 = all),
+    their image paths, what was skipped, and a fingerprint of what was kept. Every image is decoded once
+    here (check_image, on a few threads), so a bad file is found now rather than hours into a run.
+    Images in the folder that no metadata line names count as records without a caption when the whole
+    folder is read. Refuses (SystemExit) when more than `max_bad_fraction` of the records examined are bad."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise SystemExit(f"{folder} has no metadata.jsonl: an imagefolder holds images plus one JSON line per image, "
+                         f'e.g. {{"file_name": "0001.png", "{caption_column}": "a photo of a cat"}}.')
+    parsed = _parse_metadata(meta)
+    if parsed and not any(record and caption_column in record for _, record, _ in parsed):
+        keys = sorted({k for _, record, _ in parsed if record for k in record})
+        raise SystemExit(f"{meta}: no line has the caption key '{caption_column}' (see --caption_column); the keys found are "
+                         f"{', '.join(keys) or 'none'}.")
+    report, kept, images, seen = DataReport(str(folder)), [], [], set()
+
+    def problem(entry) -> tuple[str, str, str] | None:
+        """(kind, label, reason) of a bad record, None for a usable one; decodes the image."""
+        number, record, why = entry
+        if record is None:
+            return "no_caption", f"line {number}", why
+        name = record.get("file_name")
+        if not isinstance(name, str) or not name:
+            return "undecodable", f"line {number}", "no 'file_name'"
+        caption = record.get(caption_column)
+        if not isinstance(caption, str) or not caption.strip():
+            reason = f"no '{caption_column}'" if caption_column not in record else f"empty or non-text caption {caption!r}"
+            return "no_caption", f"line {number} ({name})", reason
+        reason = check_image(folder / name)
+        return ("undecodable", name, reason) if reason else None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        chunk = 64
+        for start in range(0, len(parsed), chunk):
+            part = parsed[start : start + chunk]
+            for entry, bad in zip(part, pool.map(problem, part)):
+                if num_samples and report.kept == num_samples:
+                    break
+                report.examined += 1
+                if entry[1] is not None and isinstance(entry[1].get("file_name"), str):
+                    seen.add(os.path.normpath(folder / entry[1]["file_name"]))
+                if bad is None:
+                    kept.append(entry[1])
+                    images.append(folder / entry[1]["file_name"])
+                    report.kept += 1
+                else:
+                    getattr(report, bad[0]).append(bad[1:])
+            if num_samples and report.kept == num_samples:
+                break
+    if not num_samples or report.kept < num_samples:  # the whole folder was read: images no line names
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            if os.path.normpath(path) not in seen:
+                report.examined += 1
+                report.no_caption.append((str(path.relative_to(folder)), "no metadata line"))
+    _refuse_bad_data(report, meta, max_bad_fraction)
+    if report.skipped:
+        print(report.summary(), file=sys.stderr)
+    # What was kept, with each image's size: fixing a bad image or replacing one changes the cache key.
+    content = json.dumps([[r, p.stat().st_size] for r, p in zip(kept, images)], sort_keys=True).encode()
+    return kept, images, report, hashlib.sha1(content).hexdigest()[:16]
+
+
+def _refuse_bad_data(report: DataReport, meta: Path, max_bad_fraction: float) -> None:
+    """SystemExit when more than `max_bad_fraction` of the records are bad (or none is usable)."""
+    if not report.examined:
+        raise SystemExit(f"The data source is empty: {meta} has no records.")
+    if report.kept and report.skipped <= max_bad_fraction * report.examined:
+        return
+    raise SystemExit(
+        f"error: {report.summary()}: {report.skipped / max(1, report.examined):.0%} of the records are unusable, more than "
+        f"--max_bad_fraction {max_bad_fraction}. The first ones:\n{report.details()}\n"
+        f"Fix or remove those images and their lines in {meta} (a record needs a 'file_name' that decodes and a non-empty "
+        f"caption; empty captions are skipped), or pass a larger --max_bad_fraction to train on the usable "
+        f"{report.kept} record(s).")
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """An RGB image, shorter side resized to `resolution`, centre-cropped, as a (3, H, W) tensor in [-1, 1]."""
     from PIL import Image
 
-    image = Image.open(path).convert("RGB")
+    try:
+        image = Image.open(path).convert("RGB")
+    except Exception as err:  # read_sources skips undecodable images, so this one changed since, or was never checked
+        raise SystemExit(f"error: cannot decode the image {path} ({type(err).__name__}: {err}). Fix or remove it and its "
+                         f"metadata line, then run again (a run reading an image folder skips such files when it starts).") from None
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BICUBIC)
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
@@ -356,9 +533,56 @@ def cache_folder(cache_dir: Path, teacher_root: Path, source: Source, *, resolut
 
 
 def cache_settings(teacher_root, source, *, resolution, sampler_steps, guidance_scale, with_images, seed) -> dict:
-    return dict(teacher=str(teacher_root), source=source.fingerprint, mode=source.mode, n=len(source.prompts),
-                resolution=resolution, seed=seed, with_images=with_images,
+    """What a teacher cache's content depends on: the teacher (its path and its content, so a teacher
+    retrained at the same path gets a new cache), the data, and the sampler."""
+    return dict(teacher=str(teacher_root), teacher_content=model_fingerprint(teacher_root), source=source.fingerprint,
+                mode=source.mode, n=len(source.prompts), resolution=resolution, seed=seed, with_images=with_images,
                 sampler=["dpmsolver++", sampler_steps, guidance_scale] if source.mode == "sample" else None)
+
+
+_NOT_MODEL_FILES = (".md", ".png", ".jpg", ".jpeg", ".webp", ".gif", ".csv", ".log")  # a model card or its pictures change no output
+
+
+def model_fingerprint(root: Path) -> str:
+    """A hash of a model folder's content, cheap even for GB of weights, to key caches by what a model
+    is rather than where it lies: every file's path and size; small files (configs, tokenizer files) whole;
+    each safetensors file's header (names, dtypes, shapes) and the first, middle and last 64 bytes of every
+    tensor in it (retraining changes every tensor); other large files (.bin, .ckpt) by size and mtime.
+    Hidden files and folders (.cache/ of a hub download) and documents (README.md, pictures, logs) are left out. A change confined to the middle of
+    a tensor (a few rows of an embedding) can go unseen: pass a new --cache_dir then."""
+    root = Path(root)
+    digest = hashlib.sha1()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in _NOT_MODEL_FILES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        if path.suffix == ".safetensors":
+            digest.update(_safetensors_sample(path))
+        elif size <= 1 << 20:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(str(path.stat().st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
+
+
+def _safetensors_sample(path: Path) -> bytes:
+    """The header of a safetensors file and 3 x 64 bytes of each tensor (its first, middle and last)."""
+    sample = []
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header_bytes = f.read(header_size)
+            header = json.loads(header_bytes)
+            sample.append(header_bytes)
+            for name in sorted(k for k in header if k != "__metadata__"):
+                begin, end = header[name]["data_offsets"]
+                for offset in sorted({begin, max(begin, (begin + end) // 2 - 32), max(begin, end - 64)}):
+                    f.seek(8 + header_size + offset)
+                    sample.append(f.read(min(64, end - offset)))
+    except (OSError, ValueError, KeyError, TypeError):  # not a readable safetensors file: its mtime stands in
+        sample.append(str(path.stat().st_mtime_ns).encode())
+    return b"".join(sample)
 
 
 def cache_is_complete(folder: Path) -> bool:

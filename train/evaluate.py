@@ -115,11 +115,12 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor
 def load_split(folder: Path, caption_column: str, resolution: int, limit: int = 0, pick_seed: int | None = None
                ) -> tuple[torch.Tensor, list[str], list[dict]]:
     """Images in [-1, 1] (N, 3, R, R), captions, and the metadata rows of an imagefolder split: the first
-    `limit` entries (0 = all), or with `pick_seed` that many drawn at random; only those images are read."""
+    `limit` usable entries (0 = all), or with `pick_seed` that many drawn at random; only those images are
+    loaded (read_sources decodes each image once to skip bad ones)."""
     from train import common
 
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    source = common.read_sources(None, str(folder), caption_column, None, 0)
+    source = common.read_sources(None, str(folder), caption_column, None, 0)  # skips (and reports) unusable records
+    rows = source.records
     keep = list(range(len(rows)))
     if pick_seed is not None:
         keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(pick_seed)).tolist()
