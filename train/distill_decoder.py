@@ -129,6 +129,42 @@ def encoder_loss(pred_latents: torch.Tensor, latents: torch.Tensor) -> torch.Ten
     return F.mse_loss(pred_latents.float(), latents.float())
 
 
+# --- one optimisation step -----------------------------------------------------------------------
+
+
+def gan_weight(step: int, lambda_gan: float, gan_start_step: int) -> float:
+    """lambda_GAN of Eq. 5 at optimizer step `step` (1-based): 0 up to --gan_start_step (the decoder first
+    learns the coarse image from the L1 term alone; D does not train either), --lambda_gan after it."""
+    return lambda_gan if step > gan_start_step else 0.0
+
+
+def decoder_step(decoder, encoder, disc, latents: torch.Tensor, teacher_images: torch.Tensor, *, lambda_gan: float,
+                 encoder_weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The decoder's loss on one micro-batch, Eq. 5: L1(down8(G(z)), down8(x~)) + lambda_GAN * L_GAN(D(G(z))),
+    x~ = the teacher decoder's image of the same latents z; plus, with an encoder, encoder_weight * MSE(E(x~), z).
+    `disc` (the unwrapped D) is frozen while it judges G(z): its own update is discriminator_step's.
+    Returns (the loss terms and their total "loss", G(z) for D's step)."""
+    fake = decoder(latents)
+    losses = {"loss_l1": l1_downsampled(fake, teacher_images)}  # Eq. 5, L1 term
+    loss = losses["loss_l1"]
+    if lambda_gan > 0:
+        disc.requires_grad_(False)  # G's step must not touch D
+        losses["loss_gan_g"] = gan_generator_loss(disc(fake))
+        disc.requires_grad_(True)
+        loss = loss + lambda_gan * losses["loss_gan_g"]  # Eq. 5, + lambda_GAN * L_GAN
+    if encoder is not None:
+        losses["loss_enc"] = encoder_loss(encoder(teacher_images), latents)
+        loss = loss + encoder_weight * losses["loss_enc"]
+    losses["loss"] = loss
+    return losses, fake
+
+
+def discriminator_step(disc, teacher_images: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """D's loss on one micro-batch (Eq. 5, hinge): the teacher decoder's images x~ are real, the student's
+    G(z) fake. G(z) is detached: D's step must not reach the decoder."""
+    return gan_discriminator_loss(disc(teacher_images), disc(fake.detach()))
+
+
 # --- arguments -----------------------------------------------------------------------------------
 
 
@@ -250,49 +286,37 @@ def main(argv: list[str] | None = None) -> int:
     # --- loop --------------------------------------------------------------------------------------
     tick, seen = time.perf_counter(), 0
     for step in range(start_step + 1, args.max_steps + 1):
-        gan_on = args.lambda_gan > 0 and step > args.gan_start_step
-        sums = dict.fromkeys(LOSSES, 0.0)
+        lambda_gan = gan_weight(step, args.lambda_gan, args.gan_start_step)
+        sums = {}
         for _ in range(args.grad_accum):
             batch = next(batches)
             z = batch["latents"].to(accelerator.device)
-            real = batch["image"].to(accelerator.device)
+            teacher_images = batch["image"].to(accelerator.device)  # x~: the teacher decoder's image of these z (cached)
             with accelerator.accumulate(*models, disc):
-                fake = decoder(z)
-                losses = {"loss_l1": l1_downsampled(fake, real)}  # Eq. 5, L1 term
-                loss = losses["loss_l1"]
-                if gan_on:
-                    raw_disc.requires_grad_(False)  # G's step must not touch D (and bypasses DDP)
-                    losses["loss_gan_g"] = gan_generator_loss(raw_disc(fake))
-                    raw_disc.requires_grad_(True)
-                    loss = loss + args.lambda_gan * losses["loss_gan_g"]  # Eq. 5, + lambda_GAN * L_GAN
-                if encoder is not None:
-                    losses["loss_enc"] = encoder_loss(encoder(real), z)
-                    loss = loss + args.encoder_weight * losses["loss_enc"]
-                losses["loss"] = loss
-                accelerator.backward(loss)
+                losses, fake = decoder_step(decoder, encoder, raw_disc, z, teacher_images, lambda_gan=lambda_gan,
+                                            encoder_weight=args.encoder_weight)
+                accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trained, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if gan_on:
-                    losses["loss_d"] = gan_discriminator_loss(disc(real), disc(fake.detach()))  # Eq. 5, D's side
+                if lambda_gan > 0:
+                    losses["loss_d"] = discriminator_step(disc, teacher_images, fake)
                     accelerator.backward(losses["loss_d"])
                     disc_optimizer.step()
                     disc_optimizer.zero_grad(set_to_none=True)
             for k, v in losses.items():
-                sums[k] += v.detach().float().item() / args.grad_accum
+                sums[k] = sums.get(k, 0.0) + v.detach().float().item() / args.grad_accum
             seen += len(z) * accelerator.num_processes
         lr_schedules[0].step()
-        if gan_on:  # D's warm-up counts from the GAN start
+        if lambda_gan > 0:  # D's warm-up counts from the GAN start
             lr_schedules[1].step()
         if ema is not None:
             common.ema_update(ema, vae, args.ema_decay, step)
 
-        shown = {k: v for k, v in sums.items() if k == "loss_l1" or k == "loss" or (k in ("loss_gan_g", "loss_d") and gan_on)
-                 or (k == "loss_enc" and encoder is not None)}
-        progress.update({k.removeprefix("loss_") if k != "loss" else k: v for k, v in shown.items()})
+        progress.update({k.removeprefix("loss_") if k != "loss" else k: v for k, v in sums.items()})
         if step % args.log_every == 0 or step == args.max_steps:
-            values = common.process_mean(accelerator, shown)
+            values = common.process_mean(accelerator, sums)
             elapsed = time.perf_counter() - tick
             row = {"lr": lr_schedules[0].get_last_lr()[0], "samples_per_s": seen / max(elapsed, 1e-9), **values}
             common.log_row(accelerator, log, step, row, args.report_to)

@@ -245,6 +245,45 @@ def feature_kd_loss(student_features: dict, teacher_features: dict, pairs: list[
     return sum(F.mse_loss(student_features[s].float(), teacher_features[t].float()) for s, t, _ in pairs)
 
 
+# --- one optimisation step -----------------------------------------------------------------------
+
+
+class FeatureHooks:
+    """Eq. 7's block pairs (feature_pairs) and the forward hooks that read them from student and teacher."""
+
+    def __init__(self, student: torch.nn.Module, teacher_unet: torch.nn.Module):
+        self.pairs = feature_pairs(teacher_unet.config)
+        self.student = BlockOutputs(student, [(s, "out") for s, _, _ in self.pairs])
+        self.teacher = BlockOutputs(teacher_unet, [(t, take) for _, t, take in self.pairs])
+
+
+def kd_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tokenizer, text_encoder, caption_dropout: float,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one micro-batch feeds kd_step: x_t = add_noise(z0, eps, t) with the teacher's betas, t uniform in
+    [0, T), z0 the cached teacher latents; and the captions' text states, each caption replaced by the empty
+    prompt with probability `caption_dropout`. Draws come from `gen` (seeded per step). Returns (x_t, t, states)."""
+    z0 = batch["latents"].to(device)
+    drop = torch.rand(len(z0), generator=gen) < caption_dropout
+    prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
+    noise = torch.randn(z0.shape, generator=gen).to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=gen).to(device)  # uniform t
+    x_t = noise_scheduler.add_noise(z0, noise, t)
+    return x_t, t, common.encode_prompts(tokenizer, text_encoder, prompts)
+
+
+def kd_step(student, teacher_unet, hooks: FeatureHooks, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, *,
+            lambda_feat: float) -> dict[str, torch.Tensor]:
+    """The KD loss on one micro-batch, Eq. 8: L_KD = L_OKD + lambda_F * L_FKD, and no denoising (task) loss.
+    Teacher and student see the same x_t, t and text states; the teacher runs without gradients."""
+    with torch.no_grad(), hooks.teacher.capture():
+        teacher_eps = teacher_unet(x_t.to(teacher_unet.dtype), t, encoder_hidden_states=states).sample
+    with hooks.student.capture():
+        student_eps = student(x_t, t, encoder_hidden_states=states).sample
+    loss_out = output_kd_loss(student_eps, teacher_eps)  # Eq. 6
+    loss_feat = feature_kd_loss(hooks.student.features, hooks.teacher.features, hooks.pairs)  # Eq. 7
+    return {"loss": loss_out + lambda_feat * loss_feat, "loss_out": loss_out, "loss_feat": loss_feat}  # Eq. 8
+
+
 # --- arguments -----------------------------------------------------------------------------------
 
 
@@ -315,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.register_for_checkpointing(ema)
         ema.to(device)
     raw_student = accelerator.unwrap_model(student)
-    pairs = feature_pairs(teacher.unet.config)
-    student_hooks = BlockOutputs(raw_student, [(s, "out") for s, _, _ in pairs])
-    teacher_hooks = BlockOutputs(teacher.unet, [(t, take) for _, t, take in pairs])
+    hooks = FeatureHooks(raw_student, teacher.unet)
 
     start_step = 0
     checkpoint = common.find_checkpoint(output_dir, args.resume)
@@ -365,31 +402,19 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(start_step + 1, args.max_steps + 1):
         sums = dict.fromkeys(LOSSES, 0.0)
         for micro in range(args.grad_accum):
-            batch = next(batches)
             gen = common.step_generator(args.seed, 0 if args.overfit_batch else step * args.grad_accum + micro, accelerator.process_index)
-            z0 = batch["latents"].to(device)
-            drop = torch.rand(len(z0), generator=gen) < args.caption_dropout
-            prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
-            noise = torch.randn(z0.shape, generator=gen).to(device)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=gen).to(device)  # uniform t
-            x_t = noise_scheduler.add_noise(z0, noise, t)
-            states = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
+            x_t, t, states = kd_inputs(next(batches), gen, noise_scheduler=noise_scheduler, tokenizer=teacher.tokenizer,
+                                       text_encoder=teacher.text_encoder, caption_dropout=args.caption_dropout, device=device)
             with accelerator.accumulate(student):
-                with torch.no_grad(), teacher_hooks.capture():
-                    teacher_eps = teacher.unet(x_t.to(dtype), t, encoder_hidden_states=states).sample
-                with student_hooks.capture():
-                    student_eps = student(x_t, t, encoder_hidden_states=states).sample
-                loss_out = output_kd_loss(student_eps, teacher_eps)  # Eq. 6
-                loss_feat = feature_kd_loss(student_hooks.features, teacher_hooks.features, pairs)  # Eq. 7
-                loss = loss_out + args.lambda_feat * loss_feat  # Eq. 8, no denoising loss
-                accelerator.backward(loss)
+                losses = kd_step(student, teacher.unet, hooks, x_t, t, states, lambda_feat=args.lambda_feat)
+                accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in zip(LOSSES, (loss, loss_out, loss_feat)):
-                sums[k] += v.detach().float().item() / args.grad_accum
-            seen += len(z0) * accelerator.num_processes
+            for k in LOSSES:
+                sums[k] += losses[k].detach().float().item() / args.grad_accum
+            seen += len(x_t) * accelerator.num_processes
         lr_schedule.step()
         if ema is not None:
             common.ema_update(ema, raw_student, args.ema_decay, step)
