@@ -39,6 +39,14 @@ from pathlib import Path
 import torch
 
 CHECKPOINTS = "checkpoints"
+MAX_BAD_FRACTION = 0.05  # --max_bad_fraction's default: more unusable records than this in an image folder stop the run
+# Settings a resumed run may change without --allow_changed: where, how often and until when it logs, samples,
+# saves and stops, how it reads data and caches, how many bad steps it may skip. None changes what is trained.
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "allow_changed", "output_dir", "max_steps", "stop_after_step", "stop_phase", "checkpoint_every",
+    "keep_checkpoints", "log_every", "sample_every", "num_sample_images", "report_to", "num_workers", "num_threads",
+    "cache_dir", "cache_batch_size", "skip_nonfinite", "max_bad_fraction",
+})
 SMOKE_PROMPTS = [
     "a photo of a cat",
     "a red bicycle leaning on a wall",
@@ -72,6 +80,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation (default 0)")
     run.add_argument("--resume", default=None,
                      help="'latest' (the newest complete checkpoint in OUTPUT_DIR/checkpoints; starts fresh if none) or a checkpoint folder")
+    run.add_argument("--allow_changed", default="",
+                     help="KEY,...: settings (flag names without --) that --resume may continue with changed values; "
+                          "any other change from the checkpoint's settings is refused (default: none)")
     run.add_argument("--max_steps", type=int, help="optimizer steps in total, counting resumed ones")
     run.add_argument("--stop_after_step", type=int, default=None,
                      help="testing aid: exit right after this step without the final save, as a killed run would (default: off)")
@@ -89,6 +100,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                       help="image-caption folder in the Hugging Face imagefolder convention: images + metadata.jsonl "
                            "with 'file_name' and a caption column")
     data.add_argument("--caption_column", default="text", help="caption key in metadata.jsonl (default 'text')")
+    data.add_argument("--max_bad_fraction", type=float, default=MAX_BAD_FRACTION,
+                      help="an image folder's records with an undecodable image or no caption are skipped and counted; "
+                           f"above this fraction of them the run is refused (default {MAX_BAD_FRACTION})")
     data.add_argument("--latents", choices=["sample", "encode"], default=None,
                       help="where latents come from: 'sample' runs the teacher's sampler on the prompts (or the folder's captions), "
                            "'encode' encodes the folder's images with the teacher VAE (faster). Default: sample for --prompts, "
@@ -153,6 +167,8 @@ def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv: 
             parser.error(f"--{name} must be at least 1; got {getattr(args, name)}.")
     if args.prompts and args.image_folder:
         parser.error("give --prompts or --image_folder, not both.")
+    if not 0 <= args.max_bad_fraction <= 1:
+        parser.error(f"--max_bad_fraction must be between 0 and 1; got {args.max_bad_fraction}.")
     return args
 
 
@@ -307,7 +323,6 @@ class Source:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_BAD_FRACTION = 0.05  # --max_bad_fraction's default
 
 
 @dataclass
@@ -500,6 +515,13 @@ def _refuse_bad_data(report: DataReport, meta: Path, max_bad_fraction: float) ->
         f"{report.kept} record(s).")
 
 
+def write_data_report(output_dir: Path, reports: dict[str, dict | None]) -> Path:
+    """OUTPUT_DIR/data_report.json: what each image folder of the run kept and skipped (Source.report), by name."""
+    path = Path(output_dir) / "data_report.json"
+    path.write_text(json.dumps({name: report for name, report in reports.items() if report is not None}, indent=2) + "\n")
+    return path
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """An RGB image, shorter side resized to `resolution`, centre-cropped, as a (3, H, W) tensor in [-1, 1]."""
     from PIL import Image
@@ -639,7 +661,7 @@ def build_latent_cache(teacher: Teacher, source: Source, folder: Path, *, resolu
     if accelerator.is_main_process:
         settings = cache_settings(teacher.root, source, resolution=resolution, sampler_steps=sampler_steps,
                                   guidance_scale=guidance_scale, with_images=with_images, seed=seed)
-        (folder / "meta.json").write_text(json.dumps(settings, indent=2) + "\n")
+        (folder / "meta.json").write_text(json.dumps({**settings, "data_report": source.report}, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return folder
 
@@ -801,13 +823,14 @@ class FiniteGuard:
     False when it must be skipped (gradients zeroed, no optimizer step; at most `max_skips` times in a
     run, as AMP's grad scaler skips steps), and otherwise stops the run with one message naming the step
     and the loss term. Checkpoints are only ever written after a checked step, so the newest one on disk
-    is the last good state and is never rotated out by a bad one."""
+    is the last good state and is never rotated out by a bad one. `lr_flag`: the flag the stop message
+    suggests lowering (a script with one learning rate per phase names its own)."""
 
-    def __init__(self, max_skips: int, output_dir: Path):
-        self.max_skips, self.output_dir, self.skipped = max_skips, Path(output_dir), 0
+    def __init__(self, max_skips: int, output_dir: Path, lr_flag: str = "--lr"):
+        self.max_skips, self.output_dir, self.skipped, self.lr_flag = max_skips, Path(output_dir), 0, lr_flag
 
     def check(self, step: int, terms: dict, grad_norm: float | None = None, model: str = "student") -> bool:
-        values = {name: float(value) for name, value in terms.items()}
+        values = {name: float(value.detach()) if torch.is_tensor(value) else float(value) for name, value in terms.items()}
         if grad_norm is not None:
             values["gradient norm"] = float(grad_norm)
         bad = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
@@ -822,7 +845,7 @@ class FiniteGuard:
         last = f"the last good checkpoint is {done[-1]} (--resume latest continues from it)" if done else "no checkpoint had been written yet"
         raise NonFiniteLossError(
             f"error: step {step}: non-finite {', '.join(bad)} ({model}). Stopped before applying this update; nothing was "
-            f"saved after it: {last}. Usually the learning rate is too high (lower --lr) or the data holds bad values; "
+            f"saved after it: {last}. Usually the learning rate is too high (lower {self.lr_flag}) or the data holds bad values; "
             f"--skip_nonfinite N skips up to N such steps (now {self.max_skips}).")
 
 
@@ -838,7 +861,11 @@ def _complete_checkpoints(output_dir: Path) -> list[Path]:
 def save_checkpoint(accelerator, output_dir: Path, step: int, config: dict, keep: int) -> Path:
     """Save everything needed to resume (models, optimizers, LR scheduler, EMA, RNG states: accelerate's
     save_state) plus meta.json {step, config}, into a temporary folder renamed into place: a kill leaves
-    either the whole checkpoint or none. Then delete all but the newest `keep` checkpoints."""
+    either the whole checkpoint or none. Then delete all but the newest `keep` checkpoints.
+
+    A state with non-finite weights is never written (NonFiniteLossError, before anything on disk is
+    touched), so a bad state can never rotate a good checkpoint out, even in a loop without a FiniteGuard."""
+    refuse_nonfinite_weights(accelerator, output_dir, step)
     root = Path(output_dir) / CHECKPOINTS
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     if accelerator.is_main_process:
@@ -860,6 +887,31 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, config: dict, keep
     return final
 
 
+def nonfinite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:
+    """'model.parameter' names of the floating-point parameters and buffers holding a NaN or inf."""
+    bad = []
+    for model_name, module in modules.items():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad.append(f"{model_name}.{name}")
+    return bad
+
+
+def refuse_nonfinite_weights(accelerator, output_dir: Path, step: int) -> None:
+    """NonFiniteLossError when a model the accelerator saves (prepared models and registered modules such as
+    the EMA) holds non-finite weights."""
+    modules = {f"{type(m).__name__}#{i}": m for i, m in enumerate(accelerator._models)}  # what save_state writes
+    modules.update({f"{type(m).__name__}#registered{i}": m for i, m in enumerate(accelerator._custom_objects)
+                    if isinstance(m, torch.nn.Module)})
+    bad = nonfinite_weights(modules)
+    if bad:
+        done = _complete_checkpoints(output_dir)
+        raise NonFiniteLossError(
+            f"error: refusing to save the checkpoint of step {step}: {len(bad)} weight tensor(s) hold NaN/inf, e.g. "
+            f"{', '.join(bad[:3])}. Nothing was written or deleted; the last good checkpoint is "
+            f"{done[-1] if done else 'none (none was written yet)'}. Lower --lr, or check the data.")
+
+
 def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint `--resume` names: 'latest' (None when there is none yet) or a folder."""
     if not resume:
@@ -874,16 +926,63 @@ def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator, path: Path, config: dict) -> int:
-    """Restore a checkpoint written by save_checkpoint; returns its step. Warns about changed settings."""
+def load_checkpoint(accelerator, path: Path, config: dict, *, may_change: tuple[str, ...] = ()) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns its step. First compares the run's settings
+    (`config`, run_config(args)) with the checkpoint's and refuses changed ones (check_resume_settings:
+    --allow_changed KEY,... lets named ones through, recorded in OUTPUT_DIR/resume_changes.log)."""
     meta = json.loads((Path(path) / "meta.json").read_text())
+    log_dir = Path(config["output_dir"]) if config.get("output_dir") else Path(path).parent.parent
+    check_resume_settings(meta["config"], config, f"checkpoint {path}", log_dir, may_change=may_change,
+                          main_process=accelerator.is_main_process)
     accelerator.load_state(str(path))
-    config = json.loads(json.dumps(config, default=str))
-    ignore = {"resume", "max_steps", "stop_after_step", "output_dir", "num_workers", "report_to"}
-    changed = {k: (meta["config"].get(k), v) for k, v in config.items() if k not in ignore and meta["config"].get(k) != v}
-    if changed and accelerator.is_main_process:
-        print(f"warning: resuming with settings that differ from the checkpoint's (was, now): {changed}", file=sys.stderr)
     return int(meta["step"])
+
+
+def allowed_changes(allow_changed: str | None) -> set[str]:
+    """--allow_changed "batch_size,--lr" -> {"batch_size", "lr"}."""
+    return {name.strip().lstrip("-") for name in (allow_changed or "").split(",") if name.strip()}
+
+
+def check_resume_settings(saved: dict, current: dict, where: str, log_dir: Path | None, *, may_change: tuple[str, ...] = (),
+                          main_process: bool = True) -> dict[str, tuple]:
+    """Refuse to continue a run whose settings changed: every key of `current` (this run's run_config) that
+    `saved` records with another value is listed (old -> new) in a SystemExit, unless it is in
+    RESUME_MAY_CHANGE or `may_change`, or `current["allow_changed"]` (--allow_changed KEY,...) names it; the
+    allowed changes are printed and appended to LOG_DIR/resume_changes.log. Keys `saved` does not record
+    (flags added since it was written) pass with a note. Returns the allowed changes {key: (old, new)}."""
+    current = json.loads(json.dumps(current, default=str))
+    allowed = allowed_changes(current.get("allow_changed"))
+    unknown = sorted(allowed - set(current))
+    if unknown:
+        raise SystemExit(f"--allow_changed names {', '.join(unknown)}, which is not a setting of this script; settings are "
+                         f"flag names without --: {', '.join(sorted(current))}.")
+    free = RESUME_MAY_CHANGE | set(may_change)
+    changed = {k: (saved[k], v) for k, v in current.items() if k in saved and k not in free and saved[k] != v}
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        lines = "\n".join(f"  {k}: {_shown(changed[k][0])} -> {_shown(changed[k][1])}" for k in refused)
+        raise SystemExit(
+            f"error: --resume: {where} was saved with other settings; continuing would mix two runs:\n{lines}\n"
+            f"Resume with the saved values, pass --allow_changed {','.join(refused)} to continue with the new ones (the "
+            f"change is recorded in OUTPUT_DIR/resume_changes.log), or start a new run in another --output_dir.")
+    if main_process:
+        unrecorded = sorted(k for k in current if k not in saved and k not in free)
+        if unrecorded:
+            print(f"note: {where} does not record {', '.join(unrecorded)} (settings added since); using this run's values.",
+                  file=sys.stderr)
+        if changed:
+            line = f"resumed from {where} with changed settings (--allow_changed): " + "; ".join(
+                f"{k} {_shown(old)} -> {_shown(new)}" for k, (old, new) in changed.items())
+            print(line, file=sys.stderr)
+            if log_dir is not None:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                with (Path(log_dir) / "resume_changes.log").open("a", encoding="utf-8") as f:
+                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    return changed
+
+
+def _shown(value) -> str:
+    return json.dumps(value)
 
 
 def check_fresh_start(output_dir: Path, resume: str | None) -> None:
