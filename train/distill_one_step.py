@@ -41,6 +41,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -400,6 +401,266 @@ def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(eps_pred.float(), noise.float())
 
 
+# --- one training step (what main() and the tests both call) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a training step reads besides the models: the flags of Eqs. 10-12 and the teacher's
+    noise schedule. Built once by step_settings(); the step functions never see the argparse Namespace."""
+
+    num_train_timesteps: int  # T of Eqs. 11-12
+    t_lo: int  # t ~ U{t_lo..t_hi} (--t_range) for the student's terms and the online DM's loss
+    t_hi: int
+    latent_shape: tuple[int, int, int]  # (C, H, W) of the student's noise
+    abar: torch.Tensor  # the teacher's alphas_cumprod (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n), on the device
+    coefficients: tuple[float, float, int]  # the one-step generator's (a, b, T_last): one_step_coefficients
+    uncond: torch.Tensor  # text states of "" (CFG of the offline eps)
+    weight_dtype: torch.dtype  # the dtype frozen parts run in (--mixed_precision)
+    real_guidance: float
+    sd_weighting: str
+    fm_weights: tuple[float, ...]
+    fm_ssim_window: int
+    max_grad_norm: float
+    fm_warmup_steps: int  # Eq. 10 alone for the first N steps, then Eqs. 11-12
+    schedule_steps: int  # alpha and lambda_FM fall linearly over N steps after the warm-up
+    alpha: tuple[float, float]  # (start, end)
+    lambda_fm: tuple[float, float]  # (start, end)
+
+
+def step_settings(args: argparse.Namespace, scheduler_config: dict, num_train_timesteps: int, *, uncond: torch.Tensor,
+                  device: torch.device) -> StepSettings:
+    """The StepSettings of a run: its flags, and the teacher's noise schedule from its scheduler config."""
+    from diffusers import DDPMScheduler
+
+    T = num_train_timesteps
+    t_lo, t_hi = (round(v * (T - 1)) for v in parse_list(args.t_range))
+    side = args.resolution // 8
+    return StepSettings(
+        num_train_timesteps=T, t_lo=t_lo, t_hi=t_hi, latent_shape=(4, side, side),
+        abar=DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(device),  # the teacher's betas, for x_t
+        coefficients=one_step_coefficients(scheduler_config), uncond=uncond,
+        weight_dtype=common.weight_dtype(args.mixed_precision), real_guidance=args.real_guidance,
+        sd_weighting=args.sd_weighting, fm_weights=tuple(parse_list(args.fm_weights)), fm_ssim_window=args.fm_ssim_window,
+        max_grad_norm=args.max_grad_norm, fm_warmup_steps=args.fm_warmup_steps, schedule_steps=args.schedule_steps,
+        alpha=(args.alpha_start, args.alpha_end), lambda_fm=(args.lambda_fm_start, args.lambda_fm_end))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Where step `step` stands: the FM warm-up (Eq. 10 alone, every sample, weight 1), or segmented
+    score distillation (Eqs. 11-12) with its alpha (t <= alpha*T: score distillation) and lambda_FM
+    (the FM weight for t > alpha*T)."""
+
+    warmup: bool
+    alpha: float
+    lambda_fm: float
+
+
+def phase_at(step: int, s: StepSettings) -> Phase:
+    """The Phase of optimizer step `step` (1-based): alpha_schedule and lambda_fm_schedule after the warm-up."""
+    if step <= s.fm_warmup_steps:
+        return Phase(warmup=True, alpha=0.0, lambda_fm=1.0)
+    when = {"warmup_steps": s.fm_warmup_steps, "decay_steps": s.schedule_steps}
+    return Phase(warmup=False, alpha=alpha_schedule(step, **when, start=s.alpha[0], end=s.alpha[1]),
+                 lambda_fm=lambda_fm_schedule(step, **when, start=s.lambda_fm[0], end=s.lambda_fm[1]))
+
+
+@dataclass
+class Models:
+    """The networks of stage C and the optimizers of the two trained ones (as accelerate prepared them)."""
+
+    student: torch.nn.Module  # G, the one-step generator (trained)
+    online: torch.nn.Module  # the online "fake score" DM (trained), initialised from the offline DM
+    offline: torch.nn.Module  # the offline DM: the frozen teacher U-Net
+    encoder: torch.nn.Module  # f of Eq. 10, frozen
+    student_optimizer: torch.optim.Optimizer
+    online_optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of pairs: the noise eps, its psi(eps) (latents, U-Net space) and the prompts' text states."""
+
+    noise: torch.Tensor
+    target: torch.Tensor
+    states: torch.Tensor
+
+
+@dataclass
+class UpdateInfo:
+    """What one update did: its loss terms (for the log and the finite guard), whether the optimizer step
+    was taken (False: skipped by the guard), and what it fed its losses (per sample, for the tests)."""
+
+    losses: dict[str, float]
+    stepped: bool
+    fed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Psi:
+    """psi of Eq. 10 as a run sets it up: the teacher's few-step ODE sampler (psi_sample) of `unet` with
+    the scheduler `scheduler` on `scheduler_config`'s betas, `steps` steps, CFG `guidance_scale`."""
+
+    unet: torch.nn.Module
+    scheduler: str
+    scheduler_config: dict
+    steps: int
+    guidance_scale: float
+    uncond: torch.Tensor  # text states of ""
+
+    def __call__(self, noise: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return psi_sample(self.unet, make_psi_scheduler(self.scheduler, self.scheduler_config), self.steps, noise, cond,
+                          self.uncond.expand(len(noise), -1, -1), self.guidance_scale, generator)
+
+
+def training_pairs(batch: dict, states: torch.Tensor, gen: torch.Generator, s: StepSettings, psi: Psi | None) -> MicroBatch:
+    """A loader batch as (eps, psi(eps), states): cached pairs (--pairs cache), or step-seeded noise
+    sampled by psi now (--pairs online)."""
+    device = states.device
+    if "noise" in batch:
+        return MicroBatch(batch["noise"].to(device), batch["latents"].to(device), states)
+    noise = torch.randn(len(states), *s.latent_shape, generator=gen).to(device)
+    return MicroBatch(noise, psi(noise, states, gen), states)
+
+
+def draw_timesteps(n: int, s: StepSettings, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """t ~ U{t_lo..t_hi} (--t_range), one per sample."""
+    return torch.randint(s.t_lo, s.t_hi + 1, (n,), generator=gen).to(device)
+
+
+def noisy(abar: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """(x_t, alpha_t, sigma_t): x_t = alpha_t x0 + sigma_t n, differentiable in x0; alpha_t, sigma_t of shape (N,)."""
+    a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
+    return a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise, a, s
+
+
+@torch.no_grad()
+def offline_eps(unet, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, uncond: torch.Tensor,
+                real_guidance: float) -> torch.Tensor:
+    """eps of the offline (teacher) DM, s_offline = -eps/sigma_t in Eq. 11, classifier-free guided by
+    --real_guidance [DMD2]: eps_u + g (eps_c - eps_u). The online DM's eps is never guided."""
+    x = x_t.to(unet.dtype)
+    if real_guidance > 1:
+        eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]),
+                            encoder_hidden_states=torch.cat([uncond.expand(len(x), -1, -1), states])).sample.float().chunk(2)
+        return eps_u + real_guidance * (eps_c - eps_u)
+    return unet(x, t, encoder_hidden_states=states).sample.float()
+
+
+def guarded_step(model: torch.nn.Module, optimizer, terms: dict[str, float], *, name: str, step: int, s: StepSettings,
+                 accelerator, guard: common.FiniteGuard) -> bool:
+    """Clip the gradients, check the loss terms and the gradient norm (common.FiniteGuard), then take the
+    optimizer step. A skipped (non-finite) step drops its gradients and leaves the weights as they were.
+    Returns whether the step was taken."""
+    norm = common.grad_norm_and_clip(accelerator, model.parameters(), s.max_grad_norm)
+    taken = guard.check(step, terms, norm, model=name)
+    if taken:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return taken
+
+
+def online_update(models: Models, s: StepSettings, micro_states: list[torch.Tensor], gen: torch.Generator, *, step: int,
+                  accelerator, guard: common.FiniteGuard) -> UpdateInfo:
+    """One update of the online DM (Alg. 1; s_online of Eq. 11): the standard denoising loss
+    ||eps_online(x_t, t) - n||^2 on the student's CURRENT one-step samples x0 = G(z), z fresh noise,
+    t ~ U[t_range]. The student runs under no_grad: this update trains the online DM only, toward the
+    student's distribution (never toward psi's targets). One optimizer step over the micro-batches."""
+    student = accelerator.unwrap_model(models.student)
+    loss_sum, fed = 0.0, {"z": [], "noise": [], "t": [], "x0": []}
+    for k, states in enumerate(micro_states):
+        z = torch.randn(len(states), *s.latent_shape, generator=gen).to(states.device)  # fresh noise: G's distribution
+        n = torch.randn(z.shape, generator=gen).to(states.device)
+        t = draw_timesteps(len(z), s, gen, states.device)
+        with torch.no_grad(), accelerator.autocast():
+            x0 = one_step_generate(student, z, states, s.coefficients).float()
+        x_t, _, _ = noisy(s.abar, x0, n, t)
+        sync = k == len(micro_states) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(models.online), accelerator.autocast():
+            loss = denoising_loss(models.online(x_t, t, encoder_hidden_states=states).sample, n)
+            accelerator.backward(loss / len(micro_states))
+        loss_sum += loss.item() / len(micro_states)
+        for key, value in (("z", z), ("noise", n), ("t", t), ("x0", x0)):
+            fed[key].append(value.detach())
+    losses = {"loss_online": loss_sum}
+    stepped = guarded_step(models.online, models.online_optimizer, losses, name="online DM", step=step, s=s,
+                           accelerator=accelerator, guard=guard)
+    return UpdateInfo(losses, stepped, {key: torch.cat(values) for key, values in fed.items()})
+
+
+def fm_loss(encoder, x0: torch.Tensor, target: torch.Tensor, states: torch.Tensor, s: StepSettings) -> torch.Tensor:
+    """Eq. 10 per sample: sum_l w_l (1 - SSIM(f_l(G(eps)), f_l(psi(eps)))); the target's features carry no gradient."""
+    with torch.no_grad():
+        target_features = encoder(target, states)
+    return feature_matching_loss(encoder(x0, states), target_features, list(s.fm_weights), s.fm_ssim_window)
+
+
+def score_distillation_loss(online, offline, s: StepSettings, x0: torch.Tensor, n: torch.Tensor, t: torch.Tensor,
+                            states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 11 for the student's samples x0 in the segment t <= alpha*T: x_t = alpha_t x0 + sigma_t n, and a
+    surrogate whose gradient on x_t is w(t) (s_online(x_t) - s_offline(x_t)), summed over the samples,
+    averaged over each sample's elements (as DMD2's 0.5*MSE). Returns (loss, |w g| per element)."""
+    x_t, a_t, s_t = noisy(s.abar, x0, n, t)
+    with torch.no_grad():
+        x_in = x_t.detach()
+        eps_on = online(x_in.to(s.weight_dtype), t, encoder_hidden_states=states).sample.float()
+        eps_off = offline_eps(offline, x_in, t, states, s.uncond, s.real_guidance)
+        g = score_difference(eps_on, eps_off, s_t)
+        x0_off = (x_in - s_t.view(-1, 1, 1, 1) * eps_off) / a_t.view(-1, 1, 1, 1)
+        w = score_weight(s.sd_weighting, a_t, s_t, x0.detach(), x0_off)
+    loss = score_distillation_surrogate(x_t.float(), g, w) / x0[0].numel()
+    return loss, (w.view(-1, 1, 1, 1) * g).abs()
+
+
+def student_loss(models: Models, s: StepSettings, batch: MicroBatch, phase: Phase, gen: torch.Generator, *,
+                 online) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """The student's loss on one micro-batch (Eq. 12): every sample draws t ~ U[t_range]; where t > alpha*T
+    (every sample in the warm-up) it gets lambda_FM * L_FM (Eq. 10) between G(eps) and psi(eps) of the
+    SAME noise eps; where t <= alpha*T, the score-distillation term of Eq. 11. Both are summed per sample
+    and averaged over the batch. Returns (loss, terms for the log, what each sample was fed)."""
+    device = batch.noise.device
+    n = torch.randn(batch.noise.shape, generator=gen).to(device)  # the noise of x_t (Eq. 11)
+    t = draw_timesteps(len(n), s, gen, device)
+    sd_mask = torch.zeros(len(t), dtype=torch.bool, device=device) if phase.warmup else \
+        split_by_segment(t, phase.alpha, s.num_train_timesteps)
+    fm_mask = ~sd_mask
+    z = batch.noise
+    x0 = one_step_generate(models.student, z, batch.states, s.coefficients)
+    loss, terms = x0.new_zeros(()), {}
+    if fm_mask.any():
+        per_sample = fm_loss(models.encoder, x0[fm_mask], batch.target[fm_mask], batch.states[fm_mask], s)
+        loss = loss + phase.lambda_fm * per_sample.sum() / len(x0)  # Eq. 12, t > alpha*T: lambda_FM * L_FM
+        terms["loss_fm"] = per_sample.mean().item()
+    if sd_mask.any():
+        loss_sd, wg = score_distillation_loss(online, models.offline, s, x0[sd_mask], n[sd_mask], t[sd_mask],
+                                              batch.states[sd_mask])
+        loss = loss + loss_sd / len(x0)  # Eq. 12, t <= alpha*T: the score-distillation gradient of Eq. 11
+        terms["loss_sd"], terms["sd_grad"] = loss_sd.item() / len(x0), wg.mean().item()
+    terms["loss"] = loss.item()
+    return loss, terms, {"z": z.detach(), "noise": n, "t": t, "sd_mask": sd_mask}
+
+
+def student_update(models: Models, s: StepSettings, batches: list[MicroBatch], phase: Phase, gen: torch.Generator, *,
+                   step: int, accelerator, guard: common.FiniteGuard) -> UpdateInfo:
+    """One optimizer step of the student G (Eqs. 10-12: student_loss), accumulated over the micro-batches.
+    The LR schedule and the EMA follow only a step that was taken (UpdateInfo.stepped)."""
+    online = accelerator.unwrap_model(models.online)
+    sums, fed = {}, []
+    for k, batch in enumerate(batches):
+        sync = k == len(batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(models.student), accelerator.autocast():
+            loss, terms, record = student_loss(models, s, batch, phase, gen, online=online)
+            accelerator.backward(loss / len(batches))
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + value / len(batches)
+        fed.append(record)
+    losses = {key: sums[key] for key in ("loss", "loss_fm", "loss_sd") if key in sums}
+    stepped = guarded_step(models.student, models.student_optimizer, losses, name="student", step=step, s=s,
+                           accelerator=accelerator, guard=guard)
+    return UpdateInfo(sums, stepped, {key: torch.cat([r[key] for r in fed]) for key in fed[0]})
+
+
 # --- arguments ---------------------------------------------------------------------------------------
 
 
@@ -488,6 +749,40 @@ def validate(parser, args) -> None:
 # --- training ----------------------------------------------------------------------------------------
 
 
+def load_student(student: str | None, teacher: common.Teacher, device: torch.device):
+    """(student U-Net, its pipeline folder): stage B's output (--student), or under --preset smoke stage B's
+    recipe applied to the (tiny) teacher, untrained."""
+    from diffusers import UNet2DConditionModel
+
+    from sdxs.loading import resolve_model_dir
+
+    if student:
+        root = resolve_model_dir(student, subfolders_with_weights=("unet",))
+        if not (root / "unet").is_dir():
+            raise SystemExit(f"--student {student}: {root} has no unet/ (expected stage B's OUTPUT_DIR/final).")
+        return UNet2DConditionModel.from_pretrained(root / "unet").to(device), root
+    from train.distill_unet import init_student_from_teacher
+
+    unet, _ = init_student_from_teacher(teacher.unet)
+    return unet.to(device), teacher.root
+
+
+def pair_dataset(args, psi: Psi, teacher: common.Teacher, source: common.Source, output_dir: Path, accelerator) -> Pairs:
+    """--pairs cache: the (noise, psi(noise)) pairs, built once into --cache_dir/pairs-<hash of what they
+    depend on>; --pairs online: the prompts alone (psi runs at every step)."""
+    if args.pairs != "cache":
+        return Pairs(prompts=source.prompts)
+    settings = {"psi": str(args.psi_teacher or teacher.root), "source": source.fingerprint, "n": len(source.prompts),
+                "scheduler": args.psi_scheduler, "steps": args.sampler_steps, "guidance": args.guidance_scale,
+                "resolution": args.resolution, "seed": args.seed}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(args.cache_dir or output_dir / "cache") / f"pairs-{digest}"
+    build_pair_cache(psi.unet, teacher.tokenizer, teacher.text_encoder, psi.scheduler_config, source.prompts, folder,
+                     psi_scheduler=psi.scheduler, steps=psi.steps, guidance_scale=psi.guidance_scale,
+                     side=args.resolution // 8, seed=args.seed, batch_size=args.cache_batch_size, accelerator=accelerator)
+    return Pairs(folder=folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = common.parse_args(parser, PRESETS, argv)
@@ -498,61 +793,37 @@ def main(argv: list[str] | None = None) -> int:
     main_process, device = accelerator.is_main_process, accelerator.device
 
     # --- teacher (offline DM), student, online DM, psi, encoder, data ---------------------------------
-    from diffusers import AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
 
     from sdxs.loading import resolve_model_dir
 
     tiny_dir = resolve_model_dir(args.tiny_decoder, subfolders_with_weights=("",)) if args.tiny_decoder else None  # fail early
     teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
     teacher = common.load_teacher(teacher_id, device, torch.float32)
-    if args.student:
-        student_root = resolve_model_dir(args.student, subfolders_with_weights=("unet",))
-        if not (student_root / "unet").is_dir():
-            raise SystemExit(f"--student {args.student}: {student_root} has no unet/ (expected stage B's OUTPUT_DIR/final).")
-        student = UNet2DConditionModel.from_pretrained(student_root / "unet")
-    else:  # smoke: stage B's recipe applied to the (tiny) teacher, untrained
-        from train.distill_unet import init_student_from_teacher
-
-        student, _ = init_student_from_teacher(teacher.unet)
-        student_root = teacher.root
-    student.to(device)
+    student, student_root = load_student(args.student, teacher, device)
     online = copy.deepcopy(teacher.unet).requires_grad_(True).train()  # Eq. 11: initialised from the offline DM
     dtype = common.weight_dtype(args.mixed_precision)
     teacher.unet.to(dtype)
     teacher.text_encoder.to(dtype)
-    psi_unet = teacher.unet
+    uncond = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, [""])
+    psi = Psi(teacher.unet, args.psi_scheduler, teacher.scheduler_config, args.sampler_steps, args.guidance_scale, uncond)
     if args.psi_teacher:
         psi_root = resolve_model_dir(args.psi_teacher, subfolders_with_weights=("unet",))
-        psi_unet = UNet2DConditionModel.from_pretrained(psi_root / "unet", torch_dtype=dtype).to(device).eval().requires_grad_(False)
-    layers, weights = parse_list(args.fm_layers, int), parse_list(args.fm_weights)
+        psi.unet = UNet2DConditionModel.from_pretrained(psi_root / "unet", torch_dtype=dtype).to(device).eval().requires_grad_(False)
+        psi.scheduler_config = json.loads((psi_root / "scheduler" / "scheduler_config.json").read_text())
     encoder = load_fm_encoder(args.fm_encoder, args.fm_encoder_path, teacher_unet=teacher.unet, vae=teacher.vae,
-                              layers=layers, timestep=args.fm_timestep)
+                              layers=parse_list(args.fm_layers, int), timestep=args.fm_timestep)
     if main_process:
         print(f"Student U-Net {sum(p.numel() for p in student.parameters()):,} parameters (from {student_root}); online "
               f"U-Net {sum(p.numel() for p in online.parameters()):,} (= the offline teacher's).", file=sys.stderr)
-
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, None, args.num_samples,
                                  common.SMOKE_PROMPTS if args.preset == "smoke" else None)
-    side, T = args.resolution // 8, teacher.unet.config.get("num_train_timesteps", 1000)
-    psi_scheduler_config = json.loads((Path(resolve_model_dir(args.psi_teacher)) / "scheduler" / "scheduler_config.json").read_text()) \
-        if args.psi_teacher else teacher.scheduler_config
-    if args.pairs == "cache":
-        settings = {"psi": str(args.psi_teacher or teacher.root), "source": source.fingerprint, "n": len(source.prompts),
-                    "scheduler": args.psi_scheduler, "steps": args.sampler_steps, "guidance": args.guidance_scale,
-                    "resolution": args.resolution, "seed": args.seed}
-        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        folder = Path(args.cache_dir or output_dir / "cache") / f"pairs-{digest}"
-        build_pair_cache(psi_unet, teacher.tokenizer, teacher.text_encoder, psi_scheduler_config, source.prompts, folder,
-                         psi_scheduler=args.psi_scheduler, steps=args.sampler_steps, guidance_scale=args.guidance_scale,
-                         side=side, seed=args.seed, batch_size=args.cache_batch_size, accelerator=accelerator)
-        dataset = Pairs(folder=folder)
-    else:
-        dataset = Pairs(prompts=source.prompts)
-    noise_scheduler = DDPMScheduler.from_config(teacher.scheduler_config)  # the teacher's betas, for x_t
-    abar = noise_scheduler.alphas_cumprod.to(device)
-    coefficients = one_step_coefficients(teacher.scheduler_config)
-    t_lo, t_hi = (round(v * (T - 1)) for v in parse_list(args.t_range))
-    uncond_state = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, [""])
+    dataset = pair_dataset(args, psi, teacher, source, output_dir, accelerator)
+    settings = step_settings(args, teacher.scheduler_config, teacher.unet.config.get("num_train_timesteps", 1000),
+                             uncond=uncond, device=device)
+
+    def states_of(prompts):
+        return common.encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
 
     # --- optimizers, accelerate ------------------------------------------------------------------------
     if args.gradient_checkpointing:
@@ -568,7 +839,9 @@ def main(argv: list[str] | None = None) -> int:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
         ema.to(device)
-    raw_student, raw_online = accelerator.unwrap_model(student), accelerator.unwrap_model(online)
+    raw_student = accelerator.unwrap_model(student)
+    models = Models(student, online, teacher.unet, encoder, optimizer, online_optimizer)
+    guard = common.FiniteGuard(args.skip_nonfinite, output_dir)
 
     start_step = 0
     checkpoint = common.find_checkpoint(output_dir, args.resume)
@@ -588,36 +861,8 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.init_trackers("distill_one_step", config={k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
     progress = common.Progress(args.max_steps, start_step, "stage C one-step", enabled=accelerator.is_local_main_process)
 
-    def states_of(prompts):
-        return common.encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
-
-    def noisy(x0, noise, t):
-        """x_t = alpha_t x0 + sigma_t n (differentiable in x0), with alpha_t, sigma_t of shape (N,)."""
-        a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
-        return a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise, a, s
-
-    def pairs_of(batch, gen):
-        """(noise, psi(noise)) of a batch: cached, or computed now from step-seeded noise."""
-        if "noise" in batch:
-            return batch["noise"].to(device), batch["latents"].to(device)
-        noise = torch.randn(len(batch["prompt"]), 4, side, side, generator=gen).to(device)
-        uncond = uncond_state.expand(len(noise), -1, -1)
-        target = psi_sample(psi_unet, make_psi_scheduler(args.psi_scheduler, psi_scheduler_config), args.sampler_steps, noise,
-                            states_of(batch["prompt"]), uncond, args.guidance_scale, gen)
-        return noise, target
-
-    @torch.no_grad()
-    def offline_eps(x_t, t, states):
-        """eps of the offline (teacher) DM, with CFG --real_guidance [DMD2]."""
-        x = x_t.to(dtype)
-        if args.real_guidance > 1:
-            eps_u, eps_c = teacher.unet(torch.cat([x, x]), torch.cat([t, t]),
-                                        encoder_hidden_states=torch.cat([uncond_state.expand(len(x), -1, -1), states])).sample.float().chunk(2)
-            return eps_u + args.real_guidance * (eps_c - eps_u)
-        return teacher.unet(x, t, encoder_hidden_states=states).sample.float()
-
     val_prompts = [source.prompts[i % len(source.prompts)] for i in range(args.num_sample_images)]
-    val_noise = torch.randn(len(val_prompts), 4, side, side, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    val_noise = torch.randn(len(val_prompts), *settings.latent_shape, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     psi_row = []
 
     @torch.no_grad()
@@ -625,100 +870,44 @@ def main(argv: list[str] | None = None) -> int:
         """Rows: psi (the teacher's few-step sampler) and the student in ONE step (EMA when on), same noise."""
         cond, sf = states_of(val_prompts), teacher.vae.config.scaling_factor
         if not psi_row:
-            z = psi_sample(psi_unet, make_psi_scheduler(args.psi_scheduler, psi_scheduler_config), args.sampler_steps, val_noise,
-                           cond, uncond_state.expand(len(val_prompts), -1, -1), args.guidance_scale, torch.Generator().manual_seed(args.seed))
-            psi_row.append(teacher.vae.decode(z.float() / sf).sample)
+            psi_row.append(teacher.vae.decode(psi(val_noise, cond, torch.Generator().manual_seed(args.seed)).float() / sf).sample)
         model = ema if ema is not None else raw_student
         model.eval()
         with accelerator.autocast():
-            z = one_step_generate(model, val_noise, cond, coefficients)
+            z = one_step_generate(model, val_noise, cond, settings.coefficients)
         model.train()
         common.save_image_grid([psi_row[0], teacher.vae.decode(z.float() / sf).sample], output_dir / "samples" / f"step-{step:07d}.png")
 
-    # --- loop ------------------------------------------------------------------------------------------
+    # --- loop: online DM updates, then one student update (Algorithm 1) -----------------------------------
     tick, seen = time.perf_counter(), 0
     for step in range(start_step + 1, args.max_steps + 1):
-        warm = step <= args.fm_warmup_steps
-        schedule = {"warmup_steps": args.fm_warmup_steps, "decay_steps": args.schedule_steps}
-        alpha = 0.0 if warm else alpha_schedule(step, **schedule, start=args.alpha_start, end=args.alpha_end)
-        lam = 1.0 if warm else lambda_fm_schedule(step, **schedule, start=args.lambda_fm_start, end=args.lambda_fm_end)
+        phase = phase_at(step, settings)
         gen = common.step_generator(args.seed, 0 if args.overfit_batch else step, accelerator.process_index)
-        micro_batches = []
-        for _ in range(args.grad_accum):
-            batch = next(batches)
-            noise, target = pairs_of(batch, gen)
-            micro_batches.append((noise, target, states_of(batch["prompt"])))
-        sums = dict.fromkeys([*LOSSES, "sd_grad"], 0.0)
-        fm_count, total = 0, 0
-
-        # 1. the online DM learns the student's current distribution (Alg. 1), after the warm-up
-        if not warm:
+        micro_batches = [training_pairs(batch, states_of(batch["prompt"]), gen, settings, psi)
+                         for batch in (next(batches) for _ in range(args.grad_accum))]
+        online_losses = []
+        if not phase.warmup:  # 1. the online DM learns the student's current distribution (Alg. 1)
             for _ in range(args.online_updates_per_step):
-                for k, (_, _, states) in enumerate(micro_batches):
-                    z = torch.randn(len(states), 4, side, side, generator=gen).to(device)  # fresh noise: G's distribution
-                    n = torch.randn(z.shape, generator=gen).to(device)
-                    t = torch.randint(t_lo, t_hi + 1, (len(z),), generator=gen).to(device)
-                    with torch.no_grad(), accelerator.autocast():
-                        x0 = one_step_generate(raw_student, z, states, coefficients).float()
-                    x_t, _, _ = noisy(x0, n, t)
-                    sync = k == len(micro_batches) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(online), accelerator.autocast():
-                        loss_online = denoising_loss(online(x_t, t, encoder_hidden_states=states).sample, n)
-                        accelerator.backward(loss_online / args.grad_accum)
-                    sums["loss_online"] += loss_online.item() / args.grad_accum / args.online_updates_per_step
-                if args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(online.parameters(), args.max_grad_norm)
-                online_optimizer.step()
-                online_optimizer.zero_grad(set_to_none=True)
+                info = online_update(models, settings, [b.states for b in micro_batches], gen, step=step,
+                                     accelerator=accelerator, guard=guard)
+                online_losses.append(info.losses["loss_online"])
+        # 2. the student: FM for t > alpha*T (every sample in the warm-up), score distillation for t <= alpha*T
+        info = student_update(models, settings, micro_batches, phase, gen, step=step, accelerator=accelerator, guard=guard)
+        if info.stepped:  # a skipped (non-finite) step moves neither the LR schedule nor the EMA
+            lr_schedule.step()
+            if ema is not None:
+                common.ema_update(ema, raw_student, args.ema_decay, step)
+        seen += len(info.fed["t"]) * accelerator.num_processes
 
-        # 2. the student: FM for t > alpha*T (all samples in the warm-up), score distillation for t <= alpha*T
-        for k, (noise, target, states) in enumerate(micro_batches):
-            n = torch.randn(noise.shape, generator=gen).to(device)
-            t = torch.randint(t_lo, t_hi + 1, (len(noise),), generator=gen).to(device)
-            sd_mask = split_by_segment(t, alpha, T) if not warm else torch.zeros(len(t), dtype=torch.bool, device=device)
-            fm_mask = ~sd_mask
-            sync = k == len(micro_batches) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(student), accelerator.autocast():
-                x0 = one_step_generate(student, noise, states, coefficients)
-                loss = x0.new_zeros(())
-                if fm_mask.any():
-                    with torch.no_grad():
-                        target_features = encoder(target[fm_mask], states[fm_mask])
-                    per_sample = feature_matching_loss(encoder(x0[fm_mask], states[fm_mask]), target_features, weights, args.fm_ssim_window)
-                    loss = loss + lam * per_sample.sum() / len(x0)  # Eq. 12, t > alpha*T: lambda_FM * L_FM
-                    sums["loss_fm"] += per_sample.mean().item() / args.grad_accum
-                if sd_mask.any():
-                    x_t, a_t, s_t = noisy(x0[sd_mask], n[sd_mask], t[sd_mask])
-                    with torch.no_grad():
-                        x_in, t_in, c_in = x_t.detach(), t[sd_mask], states[sd_mask]
-                        eps_on = raw_online(x_in.to(dtype), t_in, encoder_hidden_states=c_in).sample.float()
-                        eps_off = offline_eps(x_in, t_in, c_in)
-                        g = score_difference(eps_on, eps_off, s_t)
-                        x0_off = (x_in - s_t.view(-1, 1, 1, 1) * eps_off) / a_t.view(-1, 1, 1, 1)
-                        w = score_weight(args.sd_weighting, a_t, s_t, x0[sd_mask].detach(), x0_off)
-                    # Eq. 11, t <= alpha*T: d/dx_t = w(t) (s_online - s_offline); averaged over elements as DMD2's MSE
-                    loss_sd = score_distillation_surrogate(x_t.float(), g, w) / x0[0].numel() / len(x0)
-                    loss = loss + loss_sd
-                    sums["loss_sd"] += loss_sd.item() / args.grad_accum
-                    sums["sd_grad"] += (w.view(-1, 1, 1, 1) * g).abs().mean().item() / args.grad_accum
-                accelerator.backward(loss / args.grad_accum)
-            sums["loss"] += loss.item() / args.grad_accum
-            fm_count, total = fm_count + int(fm_mask.sum()), total + len(t)
-            seen += len(noise) * accelerator.num_processes
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_schedule.step()
-        if ema is not None:
-            common.ema_update(ema, raw_student, args.ema_decay, step)
-
+        sums = {"loss_fm": 0.0, "loss_sd": 0.0, "sd_grad": 0.0, **info.losses,
+                "loss_online": sum(online_losses) / len(online_losses) if online_losses else 0.0}
         progress.update({"loss": sums["loss"], "fm": sums["loss_fm"], "sd": sums["loss_sd"], "online": sums["loss_online"]})
         if step % args.log_every == 0 or step == args.max_steps:
+            fm_count, total = int((~info.fed["sd_mask"]).sum()), len(info.fed["sd_mask"])
             values = common.process_mean(accelerator, sums)
             elapsed = time.perf_counter() - tick
-            row = {"lr": lr_schedule.get_last_lr()[0], "samples_per_s": seen / max(elapsed, 1e-9), "alpha": alpha,
-                   "lambda_fm": lam, "fm_fraction": fm_count / max(total, 1), **values}
+            row = {"lr": lr_schedule.get_last_lr()[0], "samples_per_s": seen / max(elapsed, 1e-9), "alpha": phase.alpha,
+                   "lambda_fm": phase.lambda_fm, "fm_fraction": fm_count / max(total, 1), **values}
             if fm_count == 0:  # no sample of this step fell in the FM segment: no L_FM value (blank, not 0)
                 row["loss_fm"] = ""
             common.log_row(accelerator, log, step, row, args.report_to)
