@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from sdxs.loading import Components, load_components, pick_device_and_dtype
 
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGES = 16
 MAX_SIDE = 2048
-TRAINED_SIZE = 512
+DECODER_PREFERENCE = ("tiny", "large")  # the fast decoder first: the default when a model has it
 
 
 @dataclass
@@ -71,8 +71,10 @@ def one_step_scheduler(scheduler_config: dict):
     return scheduler
 
 
-def validate_request(prompts, num_images: int, width: int, height: int, decoder: str, decoders) -> list[str]:
-    """Check a request up front; return the prompts as a list. Raises ValueError saying what to fix."""
+def validate_request(prompts, num_images: int, width: int, height: int, decoder: str, decoders, size_multiple: int) -> list[str]:
+    """Check a request up front; return the prompts as a list. Raises ValueError saying what to fix.
+
+    `size_multiple`: image sides must be multiples of it (SDXSEngine.size_multiple)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -80,11 +82,57 @@ def validate_request(prompts, num_images: int, width: int, height: int, decoder:
     if not isinstance(num_images, int) or not 1 <= num_images * len(prompts) <= MAX_IMAGES:
         raise ValueError(f"Number of images must be an integer from 1 to {MAX_IMAGES} in total (prompts x images per prompt).")
     for name, side in (("width", width), ("height", height)):
-        if not isinstance(side, int) or side % 8 or not 64 <= side <= MAX_SIDE:
-            raise ValueError(f"{name} must be a multiple of 8 between 64 and {MAX_SIDE} (SDXS is trained at 512); got {side}.")
+        if not isinstance(side, (int, np.integer)) or side % size_multiple or not size_multiple <= side <= MAX_SIDE:
+            raise ValueError(f"{name} must be a multiple of {size_multiple} between {size_multiple} and {MAX_SIDE} for this model; got {side}.")
     if decoder not in decoders:
         raise ValueError(f"Unknown decoder '{decoder}'; this model has: {', '.join(decoders)}.")
     return list(prompts)
+
+
+def vae_scale_factor(vae_config) -> int:
+    """Image pixels per latent along each side, from a decoder's config. AutoencoderKL halves the
+    image after every block but the last: 2**(len(block_out_channels)-1) (8 for SD's VAE, 4 for the
+    emoji teacher's); AutoencoderTiny upsamples by `upsampling_scaling_factor` between its decoder
+    blocks (8 for TAESD)."""
+    if "decoder_block_out_channels" in vae_config:  # AutoencoderTiny
+        return int(vae_config["upsampling_scaling_factor"]) ** (len(vae_config["decoder_block_out_channels"]) - 1)
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes a model's configs fix: read once at start-up, used wherever latents are sized."""
+
+    vae_scale_factor: int  # image pixels per latent along each side
+    native_size: int  # the image side it is trained at: U-Net sample_size x vae_scale_factor
+    size_multiple: int  # image sides must be multiples of it: the latents must halve evenly in the U-Net
+    control_scale_factor: int | None = None  # sketch pixels per latent (the ControlNet's embedding), if any
+
+
+def model_geometry(components: Components) -> Geometry:
+    """The geometry of `components`; a ValueError when its parts cannot work together."""
+    unet = components.unet.config
+    if not components.decoders:
+        raise ValueError(f"'{components.source}' has no image decoder (vae/ or vae_large/).")
+    factors = {name: vae_scale_factor(vae.config) for name, vae in components.decoders.items()}
+    if len(set(factors.values())) > 1:
+        found = ", ".join(f"the {name} decoder {f}x{f}" for name, f in factors.items())
+        raise ValueError(f"'{components.source}': its decoders cannot decode the same latents: pixels per latent differ ({found}). Keep only one of them.")
+    for name, vae in components.decoders.items():
+        if vae.config.latent_channels != unet.out_channels:
+            raise ValueError(
+                f"'{components.source}': the {name} decoder reads {vae.config.latent_channels}-channel latents, "
+                f"but the U-Net makes {unet.out_channels}-channel ones; they are not parts of one model."
+            )
+    factor = next(iter(factors.values()))
+    sample_size = unet.sample_size[0] if isinstance(unet.sample_size, (list, tuple)) else unet.sample_size
+    # Each U-Net down stage but the last halves the latents; odd sizes break the skip connections of
+    # traced (OpenVINO) graphs, so sides must be multiples of every halving.
+    multiple = factor * 2 ** (len(unet.block_out_channels) - 1)
+    control = None
+    if components.controlnet is not None:
+        control = 2 ** (len(components.controlnet.config.conditioning_embedding_out_channels) - 1)
+    return Geometry(factor, int(sample_size) * factor, multiple, control)
 
 
 BACKENDS = ("auto", "torch", "torch-compile", "openvino", "openvino-bf16")
@@ -124,10 +172,11 @@ def compile_torch(components: Components, device: torch.device) -> Components:
     return dataclasses.replace(components, unet=unet, decoders=decoders)
 
 
-def seeded_noise(seeds: list[int], channels: int, height: int, width: int) -> torch.Tensor:
-    """Unit Gaussian latents (fp32, CPU), one generator per image: seed s gives the same image on any
-    device and in any batch position."""
-    noise = [torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+def seeded_noise(seeds: list[int], channels: int, height: int, width: int, scale_factor: int = 8) -> torch.Tensor:
+    """Unit Gaussian latents (fp32, CPU) for height x width images, `scale_factor` pixels per latent,
+    one generator per image: seed s gives the same image on any device and in any batch position."""
+    shape = (1, channels, height // scale_factor, width // scale_factor)
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
     return torch.cat(noise)
 
 
@@ -148,6 +197,7 @@ class SDXSEngine:
         OpenVINO); "openvino-bf16" (CPU with native bf16: faster, slightly different images);
         "auto" picks "openvino" on a CPU when it is installed, else "torch"."""
         self.torch_components = components
+        self.geometry = model_geometry(components)  # before any conversion: fail early, on the configs
         self.device = device
         self.dtype = dtype
         self.backend = resolve_backend(backend, device, dtype)
@@ -163,8 +213,10 @@ class SDXSEngine:
 
             precision = "bf16" if self.backend == "openvino-bf16" else "f32"
             components = to_openvino(components, precision, ir_cache_dir(components.folders, precision))
+            log.info("Backend %s: each network is converted (first start) or read from the cache, then compiled, at warm-up.", self.backend)
         elif self.backend == "torch-compile":
             components = compile_torch(components, device)
+            log.info("Backend torch-compile: each network is compiled on its first call, at warm-up.")
         self.components = components
         one_step_scheduler(components.scheduler_config)  # fail at start-up, not on the first request
         self.max_tokens = components.tokenizer.model_max_length
@@ -173,13 +225,40 @@ class SDXSEngine:
     def from_pretrained(
         cls, model: str, *, device: str | None = None, dtype: str | torch.dtype | None = None, base: str | None = None, backend: str = "auto"
     ) -> "SDXSEngine":
-        """Load a hub id or local diffusers folder (see sdxs.loading) on the chosen device/dtype/backend."""
+        """Load a hub id or local diffusers folder (see sdxs.loading) on the chosen device/dtype/backend.
+        Refuses (sdxs.loading.UnsupportedModelError) what is not a one-step model, e.g. a multi-step teacher."""
         device, dtype = pick_device_and_dtype(device, dtype)
-        return cls(load_components(model, device, dtype, base=base), device, dtype, backend)
+        start = time.perf_counter()
+        log.info("Loading %s on %s (%s)...", model, device, str(dtype).removeprefix("torch."))
+        components = load_components(model, device, dtype, base=base)
+        log.info("Loaded %s in %.1f s: decoders %s%s.", model, time.perf_counter() - start, ", ".join(components.decoders),
+                 ", sketch ControlNet" if components.controlnet is not None else "")
+        return cls(components, device, dtype, backend)
 
     @property
     def decoders(self) -> list[str]:
-        return list(self.components.decoders)
+        """The image decoders this model has, fast first: e.g. ["tiny", "large"], or ["large"]."""
+        return sorted(self.components.decoders, key=lambda name: DECODER_PREFERENCE.index(name))
+
+    @property
+    def default_decoder(self) -> str:
+        """The fastest decoder the model has: "tiny" when it has one, else "large"."""
+        return self.decoders[0]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent along each side (8 for SD's VAE and TAESD, 4 for the emoji teacher's)."""
+        return self.geometry.vae_scale_factor
+
+    @property
+    def native_size(self) -> int:
+        """The image side (pixels) the model is trained at, and the default size: 512 for SDXS-512."""
+        return self.geometry.native_size
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (32 for SDXS-512: 8 pixels per latent, 2 halvings in the U-Net)."""
+        return self.geometry.size_multiple
 
     @property
     def name(self) -> str:
@@ -204,7 +283,9 @@ class SDXSEngine:
         return embeddings, warnings
 
     def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
-        return seeded_noise(seeds, self.components.unet.config.in_channels, height, width).to(self.device, self.dtype)
+        """Seeded latents for height x width images."""
+        noise = seeded_noise(seeds, self.components.unet.config.in_channels, height, width, self.vae_scale_factor)
+        return noise.to(self.device, self.dtype)
 
     def denoise(self, noise: torch.Tensor, text_embeddings: torch.Tensor, control: torch.Tensor | None = None, control_strength: float = 0.0) -> torch.Tensor:
         """The single step: predict at t=999 and jump straight to the clean latents.
@@ -244,18 +325,22 @@ class SDXSEngine:
         *,
         seed: int = 0,
         num_images: int = 1,
-        decoder: str = "tiny",
-        width: int = TRAINED_SIZE,
-        height: int = TRAINED_SIZE,
+        decoder: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
         num_inference_steps: int = 1,
         guidance_scale: float = 0.0,
     ) -> Generation:
         """Generate `num_images` images per prompt in one batched forward.
 
-        Image i of a call gets seed `seed + i`, so any image can be reproduced alone.
+        Image i of a call gets seed `seed + i`, so any image can be reproduced alone. `decoder`
+        defaults to `default_decoder`, `width` and `height` to `native_size`.
         """
+        decoder = self.default_decoder if decoder is None else decoder
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
         check_one_step_settings(num_inference_steps, guidance_scale)
-        prompts = validate_request(prompt, num_images, width, height, decoder, self.components.decoders)
+        prompts = validate_request(prompt, num_images, width, height, decoder, self.decoders, self.size_multiple)
         return self._generate(prompts, seed, num_images, decoder, width, height)
 
     @torch.inference_mode()
@@ -267,7 +352,7 @@ class SDXSEngine:
         seed: int = 0,
         num_images: int = 1,
         control_strength: float = 0.8,
-        decoder: str = "tiny",
+        decoder: str | None = None,
         num_inference_steps: int = 1,
         guidance_scale: float = 0.0,
     ) -> Generation:
@@ -275,8 +360,9 @@ class SDXSEngine:
 
         `sketch`: anything sdxs.sketch.prepare_sketch reads (canvas value, PIL image, array, path).
         `control_strength` (controlnet_conditioning_scale) in [0, 1]: 0 ignores the sketch.
+        Images come at `native_size`; the ControlNet sees the sketch at its own scale per latent.
         """
-        from sdxs.sketch import SKETCH_SIZE, prepare_sketch, sketch_to_tensor
+        from sdxs.sketch import prepare_sketch, sketch_to_tensor
 
         if self.components.controlnet is None:
             raise ValueError(
@@ -286,12 +372,13 @@ class SDXSEngine:
         check_one_step_settings(num_inference_steps, guidance_scale)
         if not isinstance(control_strength, (int, float)) or not 0 <= control_strength <= 1:
             raise ValueError(f"control_strength must be between 0 and 1; got {control_strength!r}.")
-        prompts = validate_request(prompt, num_images, SKETCH_SIZE, SKETCH_SIZE, decoder, self.components.decoders)
-        control_image = prepare_sketch(sketch)
+        decoder, size = self.default_decoder if decoder is None else decoder, self.native_size
+        prompts = validate_request(prompt, num_images, size, size, decoder, self.decoders, self.size_multiple)
+        control_image = prepare_sketch(sketch, size // self.vae_scale_factor * self.geometry.control_scale_factor)
         if control_image is None:
             raise ValueError("The sketch is empty: draw some dark strokes (or upload a line drawing) first.")
         control = sketch_to_tensor(control_image).to(self.device, self.dtype)
-        result = self._generate(prompts, seed, num_images, decoder, SKETCH_SIZE, SKETCH_SIZE, control, float(control_strength))
+        result = self._generate(prompts, seed, num_images, decoder, size, size, control, float(control_strength))
         result.sketch = control_image
         return result
 
@@ -311,8 +398,8 @@ class SDXSEngine:
         images = self.decode(latents, decoder)
         timings["decoder"] = self._lap(start, timings)
         timings["total"] = time.perf_counter() - start
-        if (width, height) != (TRAINED_SIZE, TRAINED_SIZE):
-            warnings.append(f"SDXS is trained at {TRAINED_SIZE}x{TRAINED_SIZE}; {width}x{height} may look worse.")
+        if (width, height) != (self.native_size, self.native_size):
+            warnings.append(f"This model is trained at {self.native_size}x{self.native_size}; {width}x{height} may look worse.")
         warnings = list(dict.fromkeys(warnings))
         for w in warnings:
             log.warning(w)
@@ -336,17 +423,25 @@ class SDXSEngine:
         return engine
 
     def warm_up(self) -> float:
-        """One throw-away call per mode at the default size, so that tracing/compiling (OpenVINO,
-        torch.compile) happens at start-up and not on a visitor's first request. Returns seconds."""
+        """Throw-away calls at the native size, through every decoder and (with a ControlNet) the
+        sketch mode, so that converting/compiling (OpenVINO, torch.compile) happens at start-up and
+        not on a visitor's first request. Returns seconds."""
         start = time.perf_counter()
-        self.text_to_image("warm-up", seed=0)
+        size = self.native_size
+        modes = f"decoders {', '.join(self.decoders)} at {size}x{size}" + (", sketch mode" if self.components.controlnet is not None else "")
+        log.info("Warming up (%s backend; %s)...", self.backend, modes)
+        with torch.inference_mode():
+            embeddings, _ = self.encode_prompts(["warm-up"])
+            latents = self.denoise(self.initial_noise([0], size, size), embeddings)
+            for decoder in self.decoders:
+                self.decode(latents, decoder)
         if self.components.controlnet is not None:
-            from PIL import ImageDraw
-
             sketch = Image.new("L", (64, 64), 255)
             ImageDraw.Draw(sketch).line([(8, 8), (56, 56)], fill=0, width=3)
             self.sketch_to_image(sketch, "warm-up", seed=0)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        log.info("Warm-up done in %.1f s.", seconds)
+        return seconds
 
     def _lap(self, start: float, done: dict | None = None) -> float:
         if self.device.type == "cuda":

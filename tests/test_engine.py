@@ -78,8 +78,10 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_engine):
     [
         (dict(num_inference_steps=4), "exactly one step"),
         (dict(guidance_scale=7.5), "without classifier-free guidance"),
-        (dict(width=500), "multiple of 8"),
-        (dict(height=4096), "between 64 and"),
+        (dict(width=500), "multiple of 32"),
+        (dict(width=520), "multiple of 32"),  # a multiple of 8 whose 65 latents do not halve twice
+        (dict(height=4096), "between 32 and 2048"),
+        (dict(width=0), "multiple of 32"),
         (dict(decoder="medium"), "Unknown decoder"),
         (dict(num_images=0), "Number of images"),
         (dict(num_images=MAX_IMAGES + 1), "Number of images"),
