@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import column, one_torch_thread, read_log, run_stage  # noqa: F401
 
+from train import common
 from train import train_teacher as teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture imported from train_helpers
@@ -22,7 +23,7 @@ def smoke_args(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory, smoke_args):
     folder = teacher.make_synthetic_data(tmp_path_factory.mktemp("data") / "shapes", smoke_args.resolution)
-    images, captions = teacher.load_split(folder / "train", "text", smoke_args.resolution)
+    images, captions, _ = teacher.load_split(folder / "train", "text", smoke_args.resolution)
     return images[:8], captions[:8]
 
 
@@ -153,3 +154,127 @@ def test_unet_cache_aligns_every_caption_with_its_text_states(smoke_args, tokeni
             assert torch.allclose(cache["states"][cache["caption_index"][i]].float(), expected.float(), atol=2e-3), i
         empty = common.encode_prompts(tokenizer, text_encoder, [""])[0].half()
         assert torch.allclose(cache["states"][0].float(), empty.float(), atol=2e-3)
+
+
+# --- issue 12: the loss's wiring, the finite-loss guard, data checks, resume with changed settings ------
+
+
+def test_diffusion_loss_is_ddpm_eq14(smoke_args):
+    """||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c)||^2, computed here by hand."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    side = smoke_args.resolution // 4
+    unet = UNet2DConditionModel(**teacher.unet_config(smoke_args, side)).eval()
+    scheduler = DDPMScheduler(**teacher.SD_BETAS)
+    x0, noise, states = torch.randn(3, 4, side, side), torch.randn(3, 4, side, side), torch.randn(3, 77, smoke_args.text_width)
+    t = torch.tensor([10, 500, 990])
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        expected = ((unet(x_t, t, encoder_hidden_states=states).sample - noise) ** 2).mean()
+        assert teacher.diffusion_loss(unet, x0, states, noise, t, scheduler).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_non_finite_step_is_skipped_without_touching_the_weights(smoke_args, tmp_path):
+    """clip_grad_and_step (every phase's step): with --skip_nonfinite 1 a NaN loss is skipped (no optimizer
+    or LR step, gradients cleared), the next one stops the run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    args = teacher.parse_args(["--preset", "smoke", "--output_dir", str(tmp_path), "--skip_nonfinite", "1"])
+    model = torch.nn.Linear(3, 1)
+    optimizer, schedule = teacher.adamw(model, 1e-2)
+    try:
+        phase = teacher.Phase(args, "vae", 4, ["loss"], [model, optimizer], [schedule])
+        model, optimizer = phase.prepared
+        before = model.weight.detach().clone()
+        nan_loss = model(torch.full((2, 3), float("nan"))).mean()
+        assert not teacher.clip_grad_and_step(phase, 1, model, optimizer, schedule, nan_loss, {})
+        assert torch.equal(model.weight, before) and model.weight.grad is None and schedule.last_epoch == 0
+        assert teacher.clip_grad_and_step(phase, 2, model, optimizer, schedule, model(torch.ones(2, 3)).mean(), {})
+        assert not torch.equal(model.weight, before) and schedule.last_epoch == 1
+        with pytest.raises(common.NonFiniteLossError, match="step 3: non-finite loss = nan.*--vae_lr"):
+            teacher.clip_grad_and_step(phase, 3, model, optimizer, schedule, model(torch.full((2, 3), float("nan"))).mean(), {})
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize("phase", teacher.PHASES)
+def test_a_blown_up_phase_stops_and_keeps_its_last_good_checkpoint(tmp_path, phase):
+    """Acceptance (issue 12): --<phase>_lr 1e6 goes NaN at step 2; the run stops with a message naming the
+    step and the phase, exits non-zero, and its last checkpoint (step 1) holds finite weights."""
+    out = tmp_path / "run"
+    with pytest.raises(common.NonFiniteLossError) as stopped:
+        run_stage(teacher, out, f"--{phase}_lr", "1e6", "--checkpoint_every", "1")
+    assert stopped.value.code != 0 and f"step 2: non-finite" in str(stopped.value) and f"({phase})" in str(stopped.value)
+    assert [p.name for p in (out / phase / "checkpoints").iterdir()] == ["step-0000001"]
+    assert not (out / phase / "final").exists() and not (out / "final").exists()
+    weights = load_file(out / phase / "checkpoints" / "step-0000001" / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def corrupt_split(folder, *, n_bad_images: int, n_no_caption: int) -> None:
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for row in rows[:n_bad_images]:
+        data = (folder / row["file_name"]).read_bytes()
+        (folder / row["file_name"]).write_bytes(data[: len(data) // 2])
+    for row in rows[n_bad_images : n_bad_images + n_no_caption]:
+        del row["text"]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_teacher_skips_bad_records_and_refuses_a_mostly_bad_folder(smoke_args, tmp_path, capsys):
+    data = teacher.make_synthetic_data(tmp_path / "data", smoke_args.resolution)
+    corrupt_split(data / "train", n_bad_images=1, n_no_caption=1)
+    out = tmp_path / "run"
+    assert run_stage(teacher, out, "--data", str(data), "--stop_after_step", "1") == 0
+    assert "data: skipped 2 of 64 records" in capsys.readouterr().err
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train"]["kept"] == 62 and report["train"]["skipped"] == 2 and report["val"]["skipped"] == 0
+
+    corrupt_split(data / "val", n_bad_images=1, n_no_caption=0)  # 1 of 8 val records: above 5%
+    with pytest.raises(SystemExit, match="00000.png") as refused:
+        run_stage(teacher, tmp_path / "refused", "--data", str(data))
+    assert "--max_bad_fraction" in str(refused.value)
+    assert run_stage(teacher, tmp_path / "lenient", "--data", str(data), "--max_bad_fraction", "0.2", "--stop_after_step", "1") == 0
+
+
+def test_teacher_resume_refuses_changed_settings_of_any_phase(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_stage(teacher, out, "--stop_after_step", "2", "--stop_phase", "clip") == 0  # vae finished, clip at step 2
+    with pytest.raises(SystemExit, match="clip_batch_size: 8 -> 4"):
+        run_stage(teacher, out, "--resume", "latest", "--clip_batch_size", "4")
+    with pytest.raises(SystemExit, match="vae_lr: 0.001 -> 0.002"):  # a finished phase's settings too
+        run_stage(teacher, out, "--resume", "latest", "--vae_lr", "2e-3")
+    capsys.readouterr()
+    assert run_stage(teacher, out, "--resume", "latest", "--clip_batch_size", "4", "--allow_changed", "clip_batch_size",
+                     "--clip_steps", "3", "--stop_after_step", "3", "--stop_phase", "clip") == 0  # *_steps may always change
+    assert "[clip] resumed from" in capsys.readouterr().err
+    recorded = (out / "resume_changes.log").read_text()
+    assert "clip_batch_size 8 -> 4" in recorded and "clip_steps" not in recorded
+
+
+def test_unet_cache_is_rebuilt_when_what_it_was_built_from_changes(smoke_args, tokenizer, tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**teacher.vae_config(smoke_args.vae_channels, smoke_args.resolution)).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=77)).eval()
+    images = torch.zeros(2, 3, smoke_args.resolution, smoke_args.resolution, dtype=torch.uint8)
+    first = {"train_images": images, "train_captions": ["a", "b"]}
+    vae.save_pretrained(tmp_path / "vae" / "final")
+    text_encoder.save_pretrained(tmp_path / "clip" / "final" / "text_encoder")
+    key = teacher.unet_cache_key(tmp_path, first)
+    teacher.build_unet_cache(tmp_path / "cache.pt", vae, text_encoder, tokenizer, first, key)
+    second = {"train_images": images, "train_captions": ["c", "d", "e"]}
+    assert teacher.unet_cache_key(tmp_path, second) != key
+    assert len(teacher.build_unet_cache(tmp_path / "cache.pt", vae, text_encoder, tokenizer, second, key)["caption_index"]) == 2
+    rebuilt = teacher.build_unet_cache(tmp_path / "cache.pt", vae, text_encoder, tokenizer, second, teacher.unet_cache_key(tmp_path, second))
+    assert len(rebuilt["caption_index"]) == 3
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)  # a retrained VAE in the same folder
+    vae.save_pretrained(tmp_path / "vae" / "final")
+    assert teacher.unet_cache_key(tmp_path, second) != rebuilt["key"]

@@ -29,6 +29,7 @@ plus eval_tower/ (the evaluation network, which diffusers ignores). Score it wit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -44,6 +45,9 @@ import torch.nn.functional as F
 from train import common, evaluate
 
 PHASES = ("vae", "clip", "unet")
+# Settings a resumed teacher run may change besides common.RESUME_MAY_CHANGE: each phase's length (the LR is
+# constant after its warm-up) and the sample grids' sampler.
+MAY_CHANGE = ("vae_steps", "clip_steps", "unet_steps", "sample_steps", "sample_guidance")
 # SD's noise schedule (training) and the sampler the final folder ships.
 SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "prediction_type": "epsilon", "steps_offset": 1}
@@ -89,8 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "with file_name and text), e.g. train/emoji_data.py's output. With --preset smoke and none given, a synthetic "
                      "coloured-shapes set is built in OUTPUT_DIR/synthetic-data")
     run.add_argument("--caption_column", default="text", help="caption key in metadata.jsonl (default 'text')")
+    run.add_argument("--max_bad_fraction", type=float, default=common.MAX_BAD_FRACTION,
+                     help="records with an undecodable image or no caption (empty captions included: the U-Net learns the "
+                          "unconditional case from --caption_dropout) are skipped and counted; above this fraction of a split "
+                          f"the run is refused (default {common.MAX_BAD_FRACTION})")
     run.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise (default 0)")
     run.add_argument("--resume", default=None, help="'latest': skip finished phases, continue the current one from its newest checkpoint")
+    run.add_argument("--allow_changed", default="", help="KEY,...: settings (flag names without --) --resume may continue with "
+                     "changed values; any other change from the run's saved settings is refused (default: none)")
+    run.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N optimizer steps (per phase) whose loss or "
+                     "gradient norm is NaN/inf before stopping the run; 0 = stop at the first (default 0)")
     run.add_argument("--stop_after_step", type=int, default=None, help="testing aid: exit after this step of --stop_phase, as a killed run would")
     run.add_argument("--stop_phase", choices=PHASES, default="vae", help="the phase --stop_after_step counts in (default vae)")
     run.add_argument("--resolution", type=int, help="image side in pixels (preset)")
@@ -157,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1; got {getattr(args, name)}.")
     if args.clip_batch_size < 2:
         parser.error("--clip_batch_size must be at least 2 (the other pairs of the batch are the negatives).")
+    if not 0 <= args.max_bad_fraction <= 1:
+        parser.error(f"--max_bad_fraction must be between 0 and 1; got {args.max_bad_fraction}.")
     if args.data is None and args.preset != "smoke":
         parser.error("--data is required with --preset full: the folder `python train/emoji_data.py --out data/emoji` writes.")
     return args
@@ -207,11 +221,13 @@ def make_synthetic_data(dest: Path, resolution: int = 64, *, n_train: int = 64, 
     return dest
 
 
-def load_split(folder: Path, caption_column: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """All images of an imagefolder as one uint8 (N, 3, R, R) tensor (emoji sets fit in memory) and their captions."""
-    source = common.read_sources(None, str(folder), caption_column, None, 0)
+def load_split(folder: Path, caption_column: str, resolution: int, max_bad_fraction: float = common.MAX_BAD_FRACTION
+               ) -> tuple[torch.Tensor, list[str], dict]:
+    """The usable images of an imagefolder as one uint8 (N, 3, R, R) tensor (emoji sets fit in memory), their
+    captions, and what was skipped (common.read_sources: undecodable images and records without a caption)."""
+    source = common.read_sources(None, str(folder), caption_column, None, 0, max_bad_fraction=max_bad_fraction)
     images = torch.stack([common.to_uint8(common.load_image(p, resolution)) for p in source.images])
-    return images, source.prompts
+    return images, source.prompts, source.report
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -247,7 +263,7 @@ class Phase:
         self.start = 0
         checkpoint = common.find_checkpoint(self.dir, args.resume)
         if checkpoint is not None:
-            self.start = common.load_checkpoint(self.accelerator, checkpoint, self.config)
+            self.start = common.load_checkpoint(self.accelerator, checkpoint, self.config, may_change=MAY_CHANGE)
             print(f"[{name}] resumed from {checkpoint} at step {self.start}.", file=sys.stderr)
         self.log = common.CsvLog(self.dir / "log.csv", ["lr", "samples_per_s", *columns], self.start)
         self.progress = common.Progress(steps, self.start, f"teacher {name}", enabled=True)
@@ -255,6 +271,7 @@ class Phase:
                                          keep_checkpoints=args.keep_checkpoints,
                                          stop_after_step=args.stop_after_step if args.stop_phase == name else None)
         self.tick, self.seen = time.perf_counter(), 0
+        self.guard = common.FiniteGuard(args.skip_nonfinite, self.dir, lr_flag=f"--{name}_lr")
 
     def batches(self, n: int, batch_size: int):
         return iter(common.StepSampler(n, batch_size, seed=self.args.seed, first_micro_step=self.start))
@@ -280,12 +297,18 @@ def adamw(model, lr):
     return optimizer, common.warmup_then_constant(optimizer, 50)
 
 
-def clip_grad_and_step(model, optimizer, schedule, loss) -> None:
+def clip_grad_and_step(phase: Phase, step: int, model, optimizer, schedule, loss, losses: dict) -> bool:
+    """Backward, clip to norm 1, then the finite-loss guard: the optimizer and LR steps only when the loss
+    terms and the gradient norm are finite (common.FiniteGuard: skipped up to --skip_nonfinite times, then
+    the run stops). Returns whether the step was taken (the EMA follows only then)."""
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    take = phase.guard.check(step, {"loss": loss, **losses}, grad_norm, model=phase.name)
+    if take:
+        optimizer.step()
+        schedule.step()
     optimizer.zero_grad(set_to_none=True)
-    schedule.step()
+    return take
 
 
 # --- phase 1: AutoencoderKL ----------------------------------------------------------------------
@@ -335,7 +358,7 @@ def train_vae(args, data) -> tuple[object, dict]:
         latent_side = args.resolution // f
         noise = torch.randn(len(pixels), 4, latent_side, latent_side, generator=gen)
         loss, losses = vae_loss(vae, pixels, noise, args.kl_weight)
-        clip_grad_and_step(vae, optimizer, schedule, loss)
+        clip_grad_and_step(phase, step, vae, optimizer, schedule, loss, losses)
         if phase.end_step(step, losses, schedule.get_last_lr()[0], len(pixels), sample_grid):
             return None, {}
     phase.finish(sample_grid)
@@ -420,7 +443,7 @@ def train_clip(args, data, tokenizer):
         ids = train_ids[idx]
         ids = ids[:, : int((ids != tokenizer.pad_token_id).sum(1).max()) + 1]  # trim the shared padding (causal mask: same states)
         loss, losses = clip_loss(model, ids, to_float(data["train_images"][idx]))
-        clip_grad_and_step(model, optimizer, schedule, loss)
+        clip_grad_and_step(phase, step, model, optimizer, schedule, loss, losses)
         if phase.end_step(step, losses, schedule.get_last_lr()[0], len(idx), sample_grid):
             return None
     phase.finish(sample_grid)
@@ -451,12 +474,27 @@ def unet_config(args, latent_side: int) -> dict:
                 "norm_num_groups": min(32, args.unet_channels[0])}
 
 
+def unet_cache_key(output_dir: Path, data: dict) -> str:
+    """What the U-Net cache is computed from: the finished VAE and text encoder (by content,
+    common.model_fingerprint) and the training images and captions."""
+    digest = hashlib.sha1()
+    for folder in (output_dir / "vae" / "final", output_dir / "clip" / "final" / "text_encoder"):
+        digest.update(common.model_fingerprint(folder).encode())
+    digest.update(data["train_images"].numpy().tobytes())
+    digest.update("\n".join(data["train_captions"]).encode())
+    return digest.hexdigest()[:16]
+
+
 @torch.no_grad()
-def build_unet_cache(path: Path, vae, text_encoder, tokenizer, data) -> dict:
+def build_unet_cache(path: Path, vae, text_encoder, tokenizer, data, key: str = "") -> dict:
     """Posterior mean/std of every training image (fp16) and the text states of every distinct caption plus
-    the empty one (fp16, (77, width)), saved once; a resumed run loads it."""
+    the empty one (fp16, (77, width)), saved once with `key` (unet_cache_key); a resumed run loads it when
+    the key matches, and builds it again when the VAE, text encoder or data changed."""
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        cache = torch.load(path, weights_only=True)
+        if cache.get("key") == key:
+            return cache
+        print(f"[unet] {path} was built from another VAE, text encoder or data set: building it again.", file=sys.stderr)
     mean, std = [], []
     images = data["train_images"]
     for i in range(0, len(images), 64):
@@ -468,7 +506,7 @@ def build_unet_cache(path: Path, vae, text_encoder, tokenizer, data) -> dict:
     texts = [""] + captions
     states = [common.encode_prompts(tokenizer, text_encoder, texts[i : i + 128]) for i in range(0, len(texts), 128)]
     cache = {"mean": torch.cat(mean), "std": torch.cat(std), "states": torch.cat(states).half(),
-             "caption_index": torch.tensor([index[c] for c in data["train_captions"]])}
+             "caption_index": torch.tensor([index[c] for c in data["train_captions"]]), "key": key}
     tmp = path.with_suffix(".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(cache, tmp)
@@ -487,7 +525,8 @@ def train_unet(args, data, vae, text_encoder, tokenizer):
 
     f = 2 ** (len(args.vae_channels) - 1)
     side = args.resolution // f
-    cache = build_unet_cache(Path(args.output_dir) / "unet" / "cache.pt", vae, text_encoder, tokenizer, data)
+    cache = build_unet_cache(Path(args.output_dir) / "unet" / "cache.pt", vae, text_encoder, tokenizer, data,
+                             unet_cache_key(Path(args.output_dir), data))
     sf = vae.config.scaling_factor
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel(**unet_config(args, side)).train()  # channels_last: measured no faster here
@@ -523,8 +562,7 @@ def train_unet(args, data, vae, text_encoder, tokenizer):
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         loss = diffusion_loss(unet, x0, states, noise, t, noise_scheduler)
-        clip_grad_and_step(unet, optimizer, schedule, loss)
-        if ema is not None:
+        if clip_grad_and_step(phase, step, unet, optimizer, schedule, loss, {}) and ema is not None:
             common.ema_update(ema, unet, args.ema_decay, step)
         if phase.end_step(step, {"loss": loss.item()}, schedule.get_last_lr()[0], len(idx), sample_grid):
             return None
@@ -559,16 +597,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{output_dir} already holds finished phases of a run: pass --resume latest to continue it, or choose a new --output_dir.")
     common.quiet_libraries()
     common.set_cpu_threads(args.num_threads)
-    (output_dir / "config.json").write_text(json.dumps(common.run_config(args), indent=2) + "\n")
+    config = common.run_config(args)
+    if args.resume and (output_dir / "config.json").is_file():  # covers finished phases too, which have no checkpoint left to compare
+        common.check_resume_settings(json.loads((output_dir / "config.json").read_text()), config, f"the run {output_dir}",
+                                     output_dir, may_change=MAY_CHANGE)
+    (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     data_dir = Path(args.data) if args.data else make_synthetic_data(output_dir / "synthetic-data", args.resolution, seed=args.seed)
     for split in ("train", "val"):
         if not (data_dir / split / "metadata.jsonl").is_file():
             raise SystemExit(f"{data_dir / split} is not an imagefolder (no metadata.jsonl): --data takes the folder "
                              f"`python train/emoji_data.py --out DIR` writes, with train/ and val/.")
-    train_images, train_captions = load_split(data_dir / "train", args.caption_column, args.resolution)
-    val_images, val_captions = load_split(data_dir / "val", args.caption_column, args.resolution)
+    train_images, train_captions, train_report = load_split(data_dir / "train", args.caption_column, args.resolution, args.max_bad_fraction)
+    val_images, val_captions, val_report = load_split(data_dir / "val", args.caption_column, args.resolution, args.max_bad_fraction)
     data = {"train_images": train_images, "train_captions": train_captions, "val_images": val_images, "val_captions": val_captions}
+    common.write_data_report(output_dir, {"train": train_report, "val": val_report})
     print(f"data: {len(train_captions)} train / {len(val_captions)} val images from {data_dir}", file=sys.stderr)
     tokenizer_dir = cached_clip_tokenizer_dir()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
