@@ -24,7 +24,12 @@ _IGNORE_PATTERNS = ["*.fp16.*", "*.ckpt", "*non_ema*", "*.onnx*", "*.msgpack", "
 
 
 class ModelNotFoundError(RuntimeError):
-    """A model could not be found locally nor fetched. The message says what to do."""
+    """A model could not be found locally nor fetched, or its files cannot be read. The message says what to do."""
+
+
+class UnsupportedModelError(ValueError):
+    """A model that exists but is not one this engine runs: a multi-step pipeline, custom code, or
+    parts that do not fit together. The message says what it is and what to use instead."""
 
 
 def pick_device_and_dtype(device: str | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
@@ -45,7 +50,22 @@ def pick_device_and_dtype(device: str | None = None, dtype: str | torch.dtype | 
     return device, dtype
 
 
+COMPLETE_FOLDER = (
+    "A complete one-step pipeline folder holds model_index.json, unet/, text_encoder/, tokenizer/, "
+    "scheduler/ and vae/ (AutoencoderTiny or AutoencoderKL), optionally vae_large/ and controlnet/, in "
+    "diffusers layout, as `python -m sdxs make-tiny DIR` and the train/ stages (OUTPUT_DIR/final) write it."
+)
+
+
 def _how_to_fix(model: str) -> str:
+    """What to do when a hub id cannot be fetched; names every repo a LoRA or ControlNet needs."""
+    spec = MODELS.get(model)
+    if spec is not None and spec.base:
+        return (
+            f"'{model}' ({spec.kind}) runs on its base pipeline '{spec.base}', so it needs both repos. To run "
+            f"offline, download both once where you have network (`hf download {model} --local-dir DIR` and "
+            f"`hf download {spec.base} --local-dir BASE`) and pass --model DIR --base BASE."
+        )
     return (
         f"To run offline, download it once where you have network "
         f"(`hf download {model} --local-dir DIR`) and pass --model DIR; "
@@ -96,23 +116,191 @@ class Components:
     folders: tuple[str, ...] = ()  # the local folders the weights came from (key on-disk caches)
 
 
-def _check_folder(root: Path, model: str) -> None:
-    required = ["unet", "text_encoder", "tokenizer", "scheduler"]
-    missing = [sub for sub in required if not (root / sub).is_dir()]
-    if missing or not ((root / "vae").is_dir() or (root / "vae_large").is_dir()):
-        raise ModelNotFoundError(
-            f"'{model}' ({root}) is not a pipeline folder in diffusers layout: missing "
-            f"{', '.join(missing) or 'vae/ or vae_large/'}. {_how_to_fix(model)}"
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON config, or None when the file is not there; a corrupt file is one clear error."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"{path} is not valid JSON ({_first_line(err)}): the file is truncated or corrupt; download or copy it again.") from None
+
+
+def _check_folder(root: Path, model: str, local: bool) -> None:
+    """Every component folder a one-step call needs is there."""
+    missing = [f"{sub}/" for sub in ("unet", "text_encoder", "tokenizer", "scheduler") if not (root / sub).is_dir()]
+    if not ((root / "vae").is_dir() or (root / "vae_large").is_dir()):
+        missing.append("vae/ (or vae_large/)")
+    if missing:
+        if local:  # no download advice for a folder on disk: say what a complete one holds
+            fix = f"{COMPLETE_FOLDER} Copy the missing folders from the model it was made from, or pass the complete folder."
+        else:
+            fix = _how_to_fix(model)
+        raise ModelNotFoundError(f"'{model}' ({root}) is not a complete pipeline folder: missing {', '.join(missing)}. {fix}")
+
+
+# --- what a folder is: no custom code, a one-step model ----------------------------------------------
+
+# The classes sdxs builds for each component. It imports no code from a model folder: no
+# trust_remote_code anywhere, and a folder that names other classes or an auto_map is refused.
+_COMPONENT_CONFIGS = {
+    "unet": ("config.json", {"UNet2DConditionModel"}),
+    "vae": ("config.json", {"AutoencoderTiny", "AutoencoderKL"}),
+    "vae_large": ("config.json", {"AutoencoderTiny", "AutoencoderKL"}),
+    "controlnet": ("config.json", {"ControlNetModel"}),
+    "scheduler": ("scheduler_config.json", None),  # any diffusers scheduler
+    "text_encoder": ("config.json", None),  # transformers configs: checked for auto_map only
+    "tokenizer": ("tokenizer_config.json", None),
+}
+
+
+def _is_diffusers_scheduler(name: str) -> bool:
+    import diffusers
+
+    return name.endswith("Scheduler") and hasattr(diffusers, name)
+
+
+def check_no_custom_code(root: Path, model: str) -> None:
+    """Refuse a folder that would need code of its own: a component loaded from a module other
+    than diffusers/transformers (model_index.json), a class sdxs does not build, or an auto_map."""
+    problems = []
+    for key, value in (read_json(root / "model_index.json") or {}).items():
+        if isinstance(value, list) and len(value) == 2 and value[0] not in (None, "diffusers", "transformers"):
+            problems.append(f"model_index.json loads {key} from the module '{value[0]}'")
+    for sub, (filename, classes) in _COMPONENT_CONFIGS.items():
+        config = read_json(root / sub / filename)
+        if config is None:
+            continue
+        if "auto_map" in config:
+            problems.append(f"{sub}/{filename} has an auto_map (code to import)")
+        name = config.get("_class_name")
+        if sub == "scheduler" and name is not None and not _is_diffusers_scheduler(name):
+            problems.append(f"{sub}/{filename} names the class {name}, which is not a diffusers scheduler")
+        elif classes and name is not None and name not in classes:
+            problems.append(f"{sub}/{filename} names the class {name}, where sdxs loads {' or '.join(sorted(classes))}")
+    if problems:
+        raise UnsupportedModelError(
+            f"'{model}' is refused: {'; '.join(problems)}. sdxs never runs code shipped with a model (no "
+            "trust_remote_code): it loads only the diffusers and transformers classes of a one-step pipeline "
+            "(CLIPTextModel, UNet2DConditionModel, AutoencoderTiny/AutoencoderKL, ControlNetModel, a diffusers scheduler)."
         )
+
+
+def ships_one_step_scheduler(scheduler_config: dict) -> bool:
+    """The schedulers the one-step folders ship: DEIS (IDKiro/sdxs-512-dreamshaper, `make-tiny`, every
+    train/ final folder) and Euler with trailing spacing (IDKiro/sdxs-512-0.9)."""
+    name = scheduler_config.get("_class_name")
+    return name == "DEISMultistepScheduler" or (name == "EulerDiscreteScheduler" and scheduler_config.get("timestep_spacing") == "trailing")
+
+
+def check_one_step(root: Path, model: str) -> None:
+    """Refuse a multi-step pipeline (e.g. models/emoji-teacher): one step at t=999 of a model
+    trained to be sampled in many steps with guidance silently gives a blurry blob.
+
+    A folder is a one-step model when its U-Net is the SDXS one, without a mid block (both releases,
+    train/ stage B and C students), or when it pairs a tiny decoder in vae/ with the one-step
+    scheduler (train/ stage A on a teacher's U-Net: blurry by design, as train/README.md says).
+    A U-Net with a mid block and a multi-step sampler is a multi-step pipeline."""
+    unet = read_json(root / "unet" / "config.json") or {}
+    if "mid_block_type" in unet and unet["mid_block_type"] is None:
+        return
+    scheduler = read_json(root / "scheduler" / "scheduler_config.json") or {}
+    vae = read_json(root / "vae" / "config.json") or {}
+    if ships_one_step_scheduler(scheduler) and vae.get("_class_name") == "AutoencoderTiny":
+        return
+    raise UnsupportedModelError(
+        f"'{model}' is a multi-step diffusion pipeline, not a one-step SDXS model: its U-Net has a mid block "
+        f"(SDXS removes it) and its scheduler is {scheduler.get('_class_name', 'unknown')}, a many-step sampler. "
+        f"A model like it (e.g. a teacher for training) is sampled in about 25 steps with classifier-free guidance; "
+        f"one step at t=999 gives a blurry blob. Sample it with diffusers' StableDiffusionPipeline "
+        f"(num_inference_steps=25, guidance_scale above 1), or distil a one-step model from it with train/ "
+        f"(stages A-C). For one-step images use an SDXS model: {DEFAULT_MODEL}, a train/ OUTPUT_DIR/final "
+        f"folder, or `python -m sdxs make-tiny DIR` for a tiny test model."
+    )
+
+
+# --- weights: safe formats, and a clear word when a file is broken ------------------------------------
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (its header describes every tensor's byte range, so
+    a cut-off file is caught without reading the data), or None when it looks whole."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"{size} bytes, too short for a safetensors header"
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > size - 8:
+            return f"{size:,} bytes, but its header alone would need {header_size + 8:,}"
+        try:
+            header = json.loads(f.read(header_size))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not a safetensors header"
+    expected = 8 + header_size + end
+    if size != expected:
+        return f"{size:,} bytes, but its header describes {expected:,}"
+    return None
+
+
+def refused_pickle_message(path: Path, err: BaseException) -> str:
+    reason = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), _first_line(err))
+    return (
+        f"Refusing to load {path}: it is not a plain tensor file. torch.load(weights_only=True) refused it "
+        f"({reason}): besides tensors it holds other objects or code, and a pickle can run arbitrary code when "
+        f"it is loaded, so sdxs loads pickles only with weights_only=True. Get a safetensors copy of these "
+        f"weights from a source you trust."
+    )
+
+
+def weights_problem(folder: Path) -> str | None:
+    """What is wrong with the weight files of `folder`, when loading it failed: a truncated or corrupt
+    safetensors file, or a pickle that is more than tensors. None when the files look fine."""
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    for path in safetensors_files:
+        problem = safetensors_problem(path)
+        if problem:
+            return (
+                f"{path} is truncated or corrupt ({problem}). An interrupted download or copy leaves such "
+                f"files: delete it and download (or copy) it again."
+            )
+    if safetensors_files:
+        return None
+    import pickle
+
+    for path in sorted(folder.glob("*.bin")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            return refused_pickle_message(path, err)
+        except Exception as err:  # a cut-off zip or pickle
+            return f"{path} is truncated or corrupt ({_first_line(err)}): delete it and download (or copy) it again."
+    return None
+
+
+def load_part(folder: Path, load):
+    """`load()`, with any failure turned into one message about the files of `folder`."""
+    try:
+        return load()
+    except (ModelNotFoundError, UnsupportedModelError):
+        raise
+    except Exception as err:  # library errors on a user's files (OSError, SafetensorError, ...): say what to do
+        problem = weights_problem(folder) if folder.is_dir() else None
+        raise ModelNotFoundError(problem or f"Could not load {folder}: {type(err).__name__}: {_first_line(err)}") from None
 
 
 def load_decoder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     """AutoencoderTiny or AutoencoderKL, whichever the folder's config names."""
     import diffusers
 
-    class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    class_name = (read_json(folder / "config.json") or {}).get("_class_name", "AutoencoderKL")
     if class_name not in ("AutoencoderTiny", "AutoencoderKL"):
-        raise ModelNotFoundError(f"{folder} holds a {class_name}; expected AutoencoderTiny or AutoencoderKL.")
+        raise UnsupportedModelError(f"{folder} holds a {class_name}; expected AutoencoderTiny or AutoencoderKL.")
     return getattr(diffusers, class_name).from_pretrained(folder, torch_dtype=dtype)
 
 
@@ -122,55 +310,67 @@ _PIPELINE_WEIGHTS = ("unet", "text_encoder", "vae", "vae_large")
 def load_components(model: str | os.PathLike, device: torch.device, dtype: torch.dtype, *, base: str | None = None) -> Components:
     """Load a one-step text-to-image model (hub id or folder); for a PEFT LoRA adapter (a folder
     with adapter_config.json), load its base model (`base`, the registry's, or the adapter's own
-    base_model_name_or_path) and merge the LoRA into the U-Net once."""
+    base_model_name_or_path) and merge the LoRA into the U-Net once. Refuses (UnsupportedModelError)
+    a multi-step pipeline and a folder that needs custom code."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     spec = MODELS.get(str(model))
     is_adapter_repo = spec is not None and spec.kind in ("lora", "controlnet")
+    local = Path(model).expanduser().is_dir()
     root = resolve_model_dir(model, subfolders_with_weights=("",) if is_adapter_repo else _PIPELINE_WEIGHTS)
     if (root / "adapter_config.json").is_file():
-        base = base or (spec.base if spec else None) or json.loads((root / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = base or (spec.base if spec else None) or (read_json(root / "adapter_config.json") or {}).get("base_model_name_or_path")
         if not base:
             raise ModelNotFoundError(f"LoRA '{model}' names no base model; pass the base pipeline with --base.")
-        components = load_components(base, device, dtype)
-        components.unet = merge_lora(components.unet, root)
+        components = _load_base(base, model, device, dtype)
+        components.unet = load_part(root, lambda: merge_lora(components.unet, root))
         components.source, components.folders = str(model), (*components.folders, str(root))
         return components
     if _class_name(root) == "ControlNetModel":  # a bare ControlNet repo: attach it to its base pipeline
-        components = load_components(base or (spec.base if spec else None) or DEFAULT_MODEL, device, dtype)
-        components.controlnet = load_controlnet(root, dtype).to(device)
+        components = _load_base(base or (spec.base if spec else None) or DEFAULT_MODEL, model, device, dtype)
+        components.controlnet = load_part(root, lambda: load_controlnet(root, dtype)).to(device)
         components.source, components.folders = str(model), (*components.folders, str(root))
         return components
 
-    _check_folder(root, str(model))
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
-        decoders = {}
-        for sub in ("vae", "vae_large"):
-            if (root / sub).is_dir():
-                vae = load_decoder(root / sub, dtype)
-                decoders["tiny" if type(vae).__name__ == "AutoencoderTiny" else "large"] = vae
-        scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        controlnet = load_controlnet(root / "controlnet", dtype) if (root / "controlnet").is_dir() else None
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise ModelNotFoundError(f"Could not load '{model}' from {root}: {err}") from None
+    _check_folder(root, str(model), local)
+    check_no_custom_code(root, str(model))
+    check_one_step(root, str(model))
+    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+    if scheduler_config is None:
+        raise ModelNotFoundError(f"'{model}' ({root}): scheduler/ has no scheduler_config.json. {COMPLETE_FOLDER}")
+    tokenizer = load_part(root / "tokenizer", lambda: CLIPTokenizer.from_pretrained(root / "tokenizer"))
+    text_encoder = load_part(root / "text_encoder", lambda: CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype))
+    unet = load_part(root / "unet", lambda: UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype))
+    decoders = {}
+    for sub in ("vae", "vae_large"):
+        if (root / sub).is_dir():
+            vae = load_part(root / sub, lambda: load_decoder(root / sub, dtype))
+            decoders["tiny" if type(vae).__name__ == "AutoencoderTiny" else "large"] = vae
+    controlnet = load_part(root / "controlnet", lambda: load_controlnet(root / "controlnet", dtype)) if (root / "controlnet").is_dir() else None
     for module in [text_encoder, unet, *decoders.values(), controlnet]:
         if module is not None:
             module.to(device).eval().requires_grad_(False)
     return Components(tokenizer, text_encoder, unet, scheduler_config, decoders, source=str(model), controlnet=controlnet, folders=(str(root),))
 
 
+def _load_base(base: str, model: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> Components:
+    """The base pipeline of a LoRA or ControlNet; a failure names both."""
+    try:
+        return load_components(base, device, dtype)
+    except (ModelNotFoundError, UnsupportedModelError) as err:
+        raise type(err)(f"'{model}' runs on the base pipeline '{base}', which could not be loaded: {err}") from None
+
+
 def _class_name(folder: Path) -> str | None:
-    config = folder / "config.json"
-    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    return (read_json(folder / "config.json") or {}).get("_class_name")
 
 
 def load_state_dict_safely(folder: Path) -> dict[str, torch.Tensor]:
     """Weights from safetensors, else from a pickle .bin read with weights_only=True: tensors only,
     never code (the released sketch ControlNet exists only as a .bin)."""
+    import pickle
+
     from safetensors.torch import load_file
 
     safetensors_files = sorted(folder.glob("*.safetensors"))
@@ -181,8 +381,8 @@ def load_state_dict_safely(folder: Path) -> dict[str, torch.Tensor]:
         raise OSError(f"No weights (*.safetensors or *.bin) in {folder}.")
     try:
         return torch.load(bins[0], map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for anything that is not plain tensors
-        raise ModelNotFoundError(f"Refusing to load {bins[0].name}: it is not a plain tensor file ({type(err).__name__}).") from None
+    except pickle.UnpicklingError as err:  # anything that is not plain tensors
+        raise ModelNotFoundError(refused_pickle_message(bins[0], err)) from None
 
 
 def load_controlnet(folder: Path, dtype: torch.dtype) -> torch.nn.Module:

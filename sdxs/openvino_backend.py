@@ -2,9 +2,10 @@
 
 Why: on a CPU, OpenVINO's kernels run the TAESD decoder, the text encoder and the U-Net faster
 than PyTorch eager at the same fp32 precision (docs/benchmarks.md has the measured numbers). Each
-network is traced once per input shape from the loaded PyTorch module (`ov.convert_model`), the IR
-is cached on disk for real checkpoints, and the compiled model is wrapped to look like the module
-it replaces, so `SDXSEngine` does not know which backend runs.
+network is traced once from the loaded PyTorch module (`ov.convert_model`), the IR is cached on disk
+for real checkpoints and always compiled from there (so a cold and a warm cache give the same bytes),
+and the compiled model is wrapped to look like the module it replaces, so `SDXSEngine` does not know
+which backend runs.
 
 Precision: "f32" (the default) keeps outputs equal to PyTorch within float rounding; "bf16" is
 offered as an option on CPUs with native bf16 (AVX512-BF16/AMX): about 2x faster, slightly
@@ -19,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,27 +113,44 @@ class _Compiled:
             self.model = self._load_or_trace(inputs)
         model = self.model.clone()
         model.reshape({port: list(shape) for port, shape in zip(model.inputs, key)})
+        compile_start = time.perf_counter()
         compiled = self.core.compile_model(model, "CPU", self.config)
         self.compiled[key] = compiled
         self.convert_seconds += time.perf_counter() - start
-        log.info("OpenVINO: %s ready for %s in %.1f s", self.name, [list(s) for s in key], time.perf_counter() - start)
+        log.info("OpenVINO: %s compiled for %s in %.1f s", self.name, [list(s) for s in key], time.perf_counter() - compile_start)
         return compiled
 
     def _load_or_trace(self, inputs: tuple[torch.Tensor, ...]):
         import openvino as ov
 
-        ir = self.cache_dir / f"{self.name}-ov{ov.__version__.split('-')[0]}.xml" if self.cache_dir else None
-        if ir is not None and ir.is_file():
-            return self.core.read_model(ir)
-        with torch.no_grad():
-            model = ov.convert_model(self.module, example_input=tuple(x.detach().cpu() for x in inputs))
-        if ir is not None:  # write to a temporary name, then move: a killed run leaves no half IR
+        if self.cache_dir is None:  # weights only in memory (benchmarks): no cache to stay consistent with
+            return self._trace(inputs)
+        ir = self.cache_dir / f"{self.name}-ov{ov.__version__.split('-')[0]}.xml"
+        start = time.perf_counter()
+        if not ir.is_file():
+            model = self._trace(inputs)
             ir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ir.with_name(ir.stem + ".tmp.xml")
+            tmp = ir.with_name(ir.stem + ".tmp.xml")  # write, then move: a killed run leaves no half IR
             ov.save_model(model, tmp, compress_to_fp16=False)
             tmp.with_suffix(".bin").replace(ir.with_suffix(".bin"))
             tmp.replace(ir)
+            log.info("OpenVINO: %s converted from PyTorch and cached in %.1f s", self.name, time.perf_counter() - start)
+        # Compile from the saved IR even right after converting: the model convert_model returns and
+        # the one read back compile to slightly different kernels (a pixel off by 1/255, measured), and
+        # the same seed must give the same bytes whether the cache was cold or warm.
+        read_start = time.perf_counter()
+        model = self.core.read_model(ir)
+        log.info("OpenVINO: %s read from the cache in %.1f s", self.name, time.perf_counter() - read_start)
         return model
+
+    def _trace(self, inputs: tuple[torch.Tensor, ...]):
+        import openvino as ov
+
+        with torch.no_grad(), warnings.catch_warnings():
+            # Tracing warns about every Python-level shape check in diffusers: library noise, since
+            # each compiled model runs only the static shapes it was traced and reshaped for.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return ov.convert_model(self.module, example_input=tuple(x.detach().cpu() for x in inputs))
 
 
 # --- traceable forwards: tensors in, tensors out -----------------------------------------------------
