@@ -20,16 +20,15 @@ What it does; it stops by itself (at most --requests requests, within --time-lim
    longest queue the server reported. "Server concurrency" is the summed processing time over the
    load's wall time: about 1 when requests are served one at a time (both apps use concurrency_limit=1).
 4. Sketch app only, live strokes: one client draws --strokes strokes, one every --stroke-interval s,
-   each sketch adding a stroke to the previous one. trigger_mode="always_last" is a rule of the
-   browser, not of the server, so two clients are measured:
-   - "browser rule" (always_last, reproduced here): while an update is running, new strokes only mark
-     the canvas as changed; when it ends, one update is sent with the canvas as it is then;
-   - "cancel stale": every stroke is submitted at once, and the previous job is cancelled if the server
-     has not started it yet (the server's queue drops it; a started one runs to its end).
-   Both must end with the image of the last sketch: the same pixels as a direct call for it (and, so
-   the check can fail, different from the image of the sketch before it). The run also checks that
-   the app declares trigger_mode="always_last" for the endpoint, which is what makes a browser behave
-   like the first client.
+   each sketch adding a stroke to the previous one. trigger_mode="always_last" is a rule the browser
+   applies, not the server, so the client applies it as Gradio's front-end does: while an update runs,
+   a new stroke only marks the canvas as changed; when the update ends, one update goes out with the
+   canvas as it is then. Measured: how many updates were sent (and run) for the strokes, and the time
+   from the last stroke to its image. Checked: the app declares trigger_mode="always_last" for the
+   endpoint (what makes a browser behave like this client), and the last image is the last sketch's:
+   the same pixels as a direct call for it, which differ from the previous sketch's (so it can fail).
+   (Cancelling stale jobs through the API instead is no option: Gradio's /cancel also stops the
+   running job of the same session, whose answer then never comes.)
 5. Prints a markdown table and writes --out JSON. Exit code 1 on any failure, or RSS growth >= 10%.
 The server is stopped at the end, also on errors and on Ctrl-C.
 """
@@ -239,19 +238,20 @@ def image_digest(path, size: int) -> str:
 
 
 class TextApp:
-    """app.py's /generate: (prompt, seed, randomize_seed, ...) -> (gallery, seed used, status)."""
+    """app.py's /generate: (prompt, seed, randomize_seed, ...) -> (gallery, seed used, status).
+    Arguments go by position, in the order of the event's inputs; the rest keep their defaults."""
 
     def __init__(self, distinct: int, size: int):
         self.distinct, self.size = distinct, size
 
     def request(self, i: int) -> tuple[int, dict]:
         key = i % self.distinct
-        return key, dict(prompt=PROMPTS[key % len(PROMPTS)], seed=key, randomize_seed=False)
+        return key, (PROMPTS[key % len(PROMPTS)], key, False)  # prompt, seed, randomize_seed
 
-    def check(self, answer, request: dict) -> str:
+    def check(self, answer, request: tuple) -> str:
         gallery, seed, _status = answer
-        if seed != request["seed"]:
-            raise BadAnswer(f"seed {seed} came back for a request with seed {request['seed']}")
+        if seed != request[1]:
+            raise BadAnswer(f"seed {seed} came back for a request with seed {request[1]}")
         if len(gallery) != 1:
             raise BadAnswer(f"{len(gallery)} images came back, 1 was asked for")
         return image_digest(gallery[0]["image"], self.size)
@@ -271,10 +271,10 @@ class SketchApp:
         key = i % self.distinct
         return key, self.sketch_request(self.sketches[key], PROMPTS[key % len(PROMPTS)], seed=key)
 
-    def sketch_request(self, sketch: Path, prompt: str, seed: int) -> dict:
-        return dict(canvas=canvas_value(sketch, self.blank), prompt=prompt, seed=seed)
+    def sketch_request(self, sketch: Path, prompt: str, seed: int) -> tuple:
+        return canvas_value(sketch, self.blank), prompt, "{prompt}", 0.8, seed  # canvas, prompt, template, strength, seed
 
-    def check(self, answer, request: dict) -> str:
+    def check(self, answer, request: tuple) -> str:
         output, seen, _status = answer
         return image_digest(output, self.size) + image_digest(seen, self.size)
 
@@ -313,7 +313,7 @@ def send(client, endpoint: str, app, i: int, deadline: float) -> dict:
     record = {"key": key, "sent": time.time(), "error": None, "digest": None}
     job = None
     try:
-        job = client.submit(api_name=endpoint, **request)
+        job = client.submit(*request, api_name=endpoint)
         answer = job.result(timeout=max(deadline - record["sent"], 0.1))
         record["digest"] = app.check(answer, request)
     except concurrent.futures.TimeoutError:
@@ -362,63 +362,39 @@ def run_clients(url: str, workdir: Path, endpoint: str, app, n_clients: int, fir
 # ----------------------------------------------------------------------------- live strokes (sketch app)
 
 
-def live_browser_rule(client, endpoint, app, strokes: list[Path], interval: float, prompt: str, seed: int, deadline: float) -> dict:
-    """The browser's trigger_mode="always_last": a stroke while an update runs only marks the canvas
-    as changed; when the update ends, one update goes out with the canvas as it is then."""
+def live_strokes(client, endpoint, app, strokes: list[Path], interval: float, prompt: str, seed: int, deadline: float) -> dict:
+    """Strokes drawn every `interval` s, sent as the browser sends them under trigger_mode="always_last":
+    a stroke while an update runs only marks the canvas as changed; when the update ends, one update
+    goes out with the canvas as it is then. Returns what was sent and the last answer's pixels."""
     start = time.time()
     drawn, changed, job, sent, answered = 0, False, None, [], []
     while (drawn < len(strokes) or changed or job is not None) and time.time() < deadline:
         if drawn < len(strokes) and time.time() >= start + drawn * interval:
-            drawn, changed = drawn + 1, True  # canvas now shows strokes[drawn - 1]
+            drawn, changed = drawn + 1, True  # the canvas now shows strokes[drawn - 1]
         if job is not None and job.done():
             answered.append((sent[-1], app.check(job.result(), request), time.time()))
             job = None
         if job is None and changed:
             request = app.sketch_request(strokes[drawn - 1], prompt, seed)
-            job, changed = client.submit(api_name=endpoint, **request), False
+            job, changed = client.submit(*request, api_name=endpoint), False
             sent.append(drawn - 1)
         time.sleep(0.002)
-    return live_summary(strokes, start, interval, sent, answered, deadline)
-
-
-def live_cancel_stale(client, endpoint, app, strokes: list[Path], interval: float, prompt: str, seed: int, deadline: float) -> dict:
-    """Every stroke is submitted at once; the previous job is cancelled if the server has not started it."""
-    from gradio_client.utils import Status
-
-    start = time.time()
-    jobs, cancelled = [], []
-    for k, sketch in enumerate(strokes):
-        time.sleep(max(start + k * interval - time.time(), 0))
-        if jobs and not jobs[-1][1].done() and jobs[-1][1].status().code in (Status.STARTING, Status.JOINING_QUEUE, Status.IN_QUEUE):
-            jobs[-1][1].cancel()
-            cancelled.append(jobs[-1][0])
-        request = app.sketch_request(sketch, prompt, seed)
-        jobs.append((k, client.submit(api_name=endpoint, **request), request))
-    answered = []
-    for k, job, request in jobs:
-        if k in cancelled:
-            continue
-        answer = job.result(timeout=max(deadline - time.time(), 0.1))
-        answered.append((k, app.check(answer, request), time.time()))
-    summary = live_summary(strokes, start, interval, [k for k, _, _ in jobs], answered, deadline)
-    summary["cancelled_in_queue"] = len(cancelled)
-    return summary
-
-
-def live_summary(strokes, start, interval, sent, answered, deadline) -> dict:
-    last_k, last_digest, last_time = answered[-1] if answered else (None, None, None)
+    last_stroke, last_digest, last_time = answered[-1] if answered else (None, None, None)
     return {
         "strokes": len(strokes),
-        "sent": len(sent),
+        "sent": len(sent),  # = the server's executions: nothing is cancelled
         "answered": len(answered),
-        "last_answered_stroke": None if last_k is None else last_k + 1,
-        "final_digest": last_digest,
+        "last_answered_stroke": None if last_stroke is None else last_stroke + 1,
         "last_stroke_to_image_s": None if last_time is None else round(last_time - (start + (len(strokes) - 1) * interval), 3),
         "timed_out": time.time() >= deadline,
+        "final_digest": last_digest,
     }
 
 
 def run_live(url, workdir, endpoint, app: SketchApp, args, deadline) -> dict:
+    """The live-stroke scenario, then direct calls for the last sketch and the one before it (same
+    prompt and seed): the last answer must be the last sketch's image, which must differ from the
+    previous sketch's (else the check could not fail). Also reads the endpoint's trigger_mode."""
     client = connect(url, workdir)
     trigger = next((d.get("trigger_mode") for d in client.config["dependencies"] if d.get("api_name") == endpoint.lstrip("/")), None)
     strokes = stroke_sequence(seed=1000, n=args.strokes, folder=workdir / "strokes")
@@ -426,20 +402,16 @@ def run_live(url, workdir, endpoint, app: SketchApp, args, deadline) -> dict:
 
     def direct(sketch: Path) -> str:
         request = app.sketch_request(sketch, prompt, seed)
-        return app.check(client.predict(api_name=endpoint, **request), request)
+        return app.check(client.predict(*request, api_name=endpoint), request)
 
-    result = {"trigger_mode": trigger, "stroke_interval_s": args.stroke_interval}
-    for name, scenario in (("browser_rule", live_browser_rule), ("cancel_stale", live_cancel_stale)):
-        try:
-            result[name] = scenario(client, endpoint, app, strokes, args.stroke_interval, prompt, seed, deadline)
-        except Exception as err:  # noqa: BLE001 - a failed answer fails the scenario, recorded
-            result[name] = {"error": f"{type(err).__name__}: {err}", "final_digest": None}
-    # Direct calls for the last sketch and the one before it, with the same prompt and seed.
-    last, previous = direct(strokes[-1]), direct(strokes[-2])
-    result["last_differs_from_previous"] = last != previous  # else the check below could not fail
-    for name in ("browser_rule", "cancel_stale"):
-        result[name]["final_is_last_sketch"] = result[name].pop("final_digest") == last
-    return result
+    try:
+        result = live_strokes(client, endpoint, app, strokes, args.stroke_interval, prompt, seed, deadline)
+        last, previous = direct(strokes[-1]), direct(strokes[-2])
+    except Exception as err:  # noqa: BLE001 - a failed answer fails the scenario, recorded
+        return {"trigger_mode": trigger, "stroke_interval_s": args.stroke_interval, "error": f"{type(err).__name__}: {err}"}
+    result["final_is_last_sketch"] = result.pop("final_digest") == last
+    result["last_differs_from_previous"] = last != previous
+    return {"trigger_mode": trigger, "stroke_interval_s": args.stroke_interval, **result}
 
 
 # ----------------------------------------------------------------------------- report
@@ -492,12 +464,10 @@ def problems(report: dict, max_rss_growth: float = MAX_RSS_GROWTH) -> list[str]:
     if live:
         if live["trigger_mode"] != "always_last":
             found.append(f"the endpoint's trigger_mode is {live['trigger_mode']!r}, not 'always_last'")
-        for name in ("browser_rule", "cancel_stale"):
-            scenario = live[name]
-            if "error" in scenario:
-                found.append(f"live strokes ({name}): {scenario['error']}")
-            elif scenario["timed_out"] or not scenario["final_is_last_sketch"]:
-                found.append(f"live strokes ({name}): the last image is not the last sketch's")
+        if "error" in live:
+            found.append(f"live strokes: {live['error']}")
+        elif live["timed_out"] or not live["final_is_last_sketch"]:
+            found.append("live strokes: the last image shown is not the last sketch's")
     return found
 
 
@@ -531,19 +501,16 @@ def markdown_table(report: dict) -> str:
     ]
     if live := report.get("live"):
         rows.append(("trigger_mode", f"{live['trigger_mode']}; strokes every {live['stroke_interval_s']} s"))
-        for name in ("browser_rule", "cancel_stale"):
-            s = live[name]
-            if "error" in s:
-                rows.append((f"live strokes ({name.replace('_', ' ')})", f"failed: {s['error']}"))
-                continue
-            extra = f", {s['cancelled_in_queue']} cancelled while queued" if "cancelled_in_queue" in s else ""
+        if "error" in live:
+            rows.append(("live strokes", f"failed: {live['error']}"))
+        else:
             rows.append((
-                f"live strokes ({name.replace('_', ' ')})",
-                f"{s['strokes']} strokes, {s['sent']} sent{extra}, {s['answered']} answered; last answered: stroke "
-                f"{s['last_answered_stroke']}; image = last sketch's: {s['final_is_last_sketch']}; "
-                f"last stroke to its image {s['last_stroke_to_image_s']} s",
+                "live strokes (browser rule)",
+                f"{live['strokes']} strokes, {live['sent']} sent and run, {live['answered']} answered; last answered: "
+                f"stroke {live['last_answered_stroke']}; its image = a direct call's for the last sketch: "
+                f"{live['final_is_last_sketch']} (differs from the sketch before: {live['last_differs_from_previous']}); "
+                f"last stroke to its image {live['last_stroke_to_image_s']} s",
             ))
-        rows.append(("check can fail", f"last sketch's image differs from the one before: {live['last_differs_from_previous']}"))
     rows.append(("result", "PASS" if report["passed"] else "FAIL: " + "; ".join(report["problems"])))
     return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
