@@ -280,8 +280,11 @@ class ImageEncoder(torch.nn.Module):
         return [hidden[i][:, skip:].transpose(1, 2).reshape(len(x), -1, side, side).float() for i in self.layers]
 
 
-def load_fm_encoder(kind: str, path: str | None, *, teacher_unet, vae, layers: list[int], timestep: int) -> torch.nn.Module:
-    """The frozen encoder of L_FM named by --fm_encoder; VGG-16 and DINOv2 read local weights only."""
+def load_fm_encoder(kind: str, path: str | None, *, teacher_unet, vae, layers: list[int], timestep: int,
+                    device: torch.device) -> torch.nn.Module:
+    """The frozen encoder of L_FM named by --fm_encoder, on `device` (the network, the VAE it decodes with
+    and its ImageNet mean/std buffers: a CUDA step must not meet CPU tensors); VGG-16 and DINOv2 read local
+    weights only. Their weights stay fp32: under --mixed_precision autocast runs them in half precision."""
     if kind == "unet":
         encoder = UNetEncoder(teacher_unet, layers, timestep)
     elif kind == "vgg16":
@@ -308,7 +311,7 @@ def load_fm_encoder(kind: str, path: str | None, *, teacher_unet, vae, layers: l
         encoder = ImageEncoder(kind, network, vae, layers)
     else:
         raise ValueError(f"unknown --fm_encoder {kind}")
-    return encoder.eval().requires_grad_(False)
+    return encoder.to(device).eval().requires_grad_(False)
 
 
 # --- losses and schedules ---------------------------------------------------------------------------
@@ -401,6 +404,40 @@ def denoising_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(eps_pred.float(), noise.float())
 
 
+# --- what stage C supports, said up front ----------------------------------------------------------
+
+
+FEW_PSI_STEPS = 8  # [ours] at or below this, an ODE solver on a plain (not straightened) teacher gives coarse targets
+
+
+def require_epsilon_prediction(scheduler_config: dict, flag: str, model: str) -> None:
+    """Stage C reads scores off epsilon predictions (s = -eps/sigma_t in Eq. 11; the online DM's loss
+    targets the noise; the one-step generator is x0 = a*z - b*eps): a v- or x0-predicting teacher would
+    train without complaint and silently wrong, so it is refused."""
+    kind = scheduler_config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise SystemExit(f"error: {flag} {model}: its scheduler's prediction_type is '{kind}'; stage C supports "
+                         f"epsilon-prediction teachers only (SD-1.5 family, SD-2.1-base), because its score distillation "
+                         f"reads scores as -eps/sigma_t. Use an epsilon-prediction model as {flag}.")
+
+
+def psi_warning(psi_scheduler: str, steps: int, straightened: bool) -> str | None:
+    """A one-line warning when psi (Eq. 10's FM targets) is not what the paper uses, a few-step sampler of a
+    trajectory-STRAIGHTENED teacher (LCM/Turbo, passed as --psi_teacher): LCMScheduler on a plain teacher,
+    or few steps of any solver on one, gives blurred targets, and FM teaches the student exactly those."""
+    if straightened:
+        return None
+    fix = "pass a straightened --psi_teacher (e.g. the teacher with an LCM-LoRA merged in)"
+    if psi_scheduler == "lcm":
+        return (f"warning: psi runs {steps} LCM step(s) on the plain --teacher, which is not trajectory-straightened: "
+                f"LCMScheduler expects an LCM-distilled U-Net, so the FM targets psi(eps) will be blurred; {fix}, or use "
+                f"--psi_scheduler dpmsolver++ with more --sampler_steps.")
+    if steps <= FEW_PSI_STEPS:
+        return (f"warning: psi runs only {steps} {psi_scheduler} step(s) on the plain --teacher, which is not "
+                f"trajectory-straightened: the FM targets psi(eps) will be coarse; {fix}, or raise --sampler_steps.")
+    return None
+
+
 # --- one training step (what main() and the tests both call) ---------------------------------------
 
 
@@ -428,12 +465,12 @@ class StepSettings:
     lambda_fm: tuple[float, float]  # (start, end)
 
 
-def step_settings(args: argparse.Namespace, scheduler_config: dict, num_train_timesteps: int, *, uncond: torch.Tensor,
-                  device: torch.device) -> StepSettings:
-    """The StepSettings of a run: its flags, and the teacher's noise schedule from its scheduler config."""
+def step_settings(args: argparse.Namespace, scheduler_config: dict, *, uncond: torch.Tensor, device: torch.device) -> StepSettings:
+    """The StepSettings of a run: its flags, and the teacher's noise schedule from its SCHEDULER config
+    (T included: a U-Net config has no num_train_timesteps; 1000 is diffusers' default when it is unset)."""
     from diffusers import DDPMScheduler
 
-    T = num_train_timesteps
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
     t_lo, t_hi = (round(v * (T - 1)) for v in parse_list(args.t_range))
     side = args.resolution // 8
     return StepSettings(
@@ -617,15 +654,23 @@ def student_loss(models: Models, s: StepSettings, batch: MicroBatch, phase: Phas
                  online) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
     """The student's loss on one micro-batch (Eq. 12): every sample draws t ~ U[t_range]; where t > alpha*T
     (every sample in the warm-up) it gets lambda_FM * L_FM (Eq. 10) between G(eps) and psi(eps) of the
-    SAME noise eps; where t <= alpha*T, the score-distillation term of Eq. 11. Both are summed per sample
+    SAME noise eps; where t <= alpha*T, the score-distillation term of Eq. 11 on G(z) of fresh noise z (see
+    below). Both are summed per sample
     and averaged over the batch. Returns (loss, terms for the log, what each sample was fed)."""
     device = batch.noise.device
     n = torch.randn(batch.noise.shape, generator=gen).to(device)  # the noise of x_t (Eq. 11)
     t = draw_timesteps(len(n), s, gen, device)
+    fresh = torch.randn(batch.noise.shape, generator=gen).to(device)
     sd_mask = torch.zeros(len(t), dtype=torch.bool, device=device) if phase.warmup else \
         split_by_segment(t, phase.alpha, s.num_train_timesteps)
     fm_mask = ~sd_mask
-    z = batch.noise
+    # The student's input: FM compares G(eps) with psi(eps), so an FM sample must start from the pair's own
+    # noise eps. Score distillation matches distributions: its gradient is an expectation over p_G, i.e.
+    # over G(z) with z ~ N(0, I), the distribution the online DM is trained on (fresh z in online_update).
+    # With --pairs cache the pairs hold a fixed set of N noises; feeding those to Eq. 11 would pull the
+    # teacher's score only at those N points. So, as DMD2 does (regression on the cached pairs,
+    # distribution matching on fresh noise), an SD-segment sample starts from fresh noise z.
+    z = torch.where(sd_mask.view(-1, 1, 1, 1), fresh, batch.noise)
     x0 = one_step_generate(models.student, z, batch.states, s.coefficients)
     loss, terms = x0.new_zeros(()), {}
     if fm_mask.any():
@@ -754,12 +799,12 @@ def load_student(student: str | None, teacher: common.Teacher, device: torch.dev
     recipe applied to the (tiny) teacher, untrained."""
     from diffusers import UNet2DConditionModel
 
-    from sdxs.loading import resolve_model_dir
-
     if student:
-        root = resolve_model_dir(student, subfolders_with_weights=("unet",))
+        root = common.resolve_model(student, "--student", subfolders_with_weights=("unet",))
         if not (root / "unet").is_dir():
             raise SystemExit(f"--student {student}: {root} has no unet/ (expected stage B's OUTPUT_DIR/final).")
+        if (root / "scheduler" / "scheduler_config.json").is_file():  # the final folder ships this scheduler
+            require_epsilon_prediction(json.loads((root / "scheduler" / "scheduler_config.json").read_text()), "--student", student)
         return UNet2DConditionModel.from_pretrained(root / "unet").to(device), root
     from train.distill_unet import init_student_from_teacher
 
@@ -767,12 +812,15 @@ def load_student(student: str | None, teacher: common.Teacher, device: torch.dev
     return unet.to(device), teacher.root
 
 
-def pair_dataset(args, psi: Psi, teacher: common.Teacher, source: common.Source, output_dir: Path, accelerator) -> Pairs:
+def pair_dataset(args, psi: Psi, psi_root: Path, teacher: common.Teacher, source: common.Source, output_dir: Path,
+                 accelerator) -> Pairs:
     """--pairs cache: the (noise, psi(noise)) pairs, built once into --cache_dir/pairs-<hash of what they
-    depend on>; --pairs online: the prompts alone (psi runs at every step)."""
+    depend on: psi's model (path and content), data, sampler, resolution, seed>; --pairs online: the
+    prompts alone (psi runs at every step)."""
     if args.pairs != "cache":
         return Pairs(prompts=source.prompts)
-    settings = {"psi": str(args.psi_teacher or teacher.root), "source": source.fingerprint, "n": len(source.prompts),
+    settings = {"psi": str(args.psi_teacher or teacher.root), "psi_content": common.model_fingerprint(psi_root),
+                "source": source.fingerprint, "n": len(source.prompts),
                 "scheduler": args.psi_scheduler, "steps": args.sampler_steps, "guidance": args.guidance_scale,
                 "resolution": args.resolution, "seed": args.seed}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -795,11 +843,13 @@ def main(argv: list[str] | None = None) -> int:
     # --- teacher (offline DM), student, online DM, psi, encoder, data ---------------------------------
     from diffusers import AutoencoderTiny, UNet2DConditionModel
 
-    from sdxs.loading import resolve_model_dir
-
-    tiny_dir = resolve_model_dir(args.tiny_decoder, subfolders_with_weights=("",)) if args.tiny_decoder else None  # fail early
+    tiny_dir = common.resolve_model(args.tiny_decoder, "--tiny_decoder", subfolders_with_weights=("",)) if args.tiny_decoder else None
     teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
     teacher = common.load_teacher(teacher_id, device, torch.float32)
+    require_epsilon_prediction(teacher.scheduler_config, "--teacher", teacher_id)
+    warning = psi_warning(args.psi_scheduler, args.sampler_steps, straightened=bool(args.psi_teacher))
+    if warning and main_process:
+        print(warning, file=sys.stderr)
     student, student_root = load_student(args.student, teacher, device)
     online = copy.deepcopy(teacher.unet).requires_grad_(True).train()  # Eq. 11: initialised from the offline DM
     dtype = common.weight_dtype(args.mixed_precision)
@@ -807,20 +857,22 @@ def main(argv: list[str] | None = None) -> int:
     teacher.text_encoder.to(dtype)
     uncond = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, [""])
     psi = Psi(teacher.unet, args.psi_scheduler, teacher.scheduler_config, args.sampler_steps, args.guidance_scale, uncond)
+    psi_root = teacher.root
     if args.psi_teacher:
-        psi_root = resolve_model_dir(args.psi_teacher, subfolders_with_weights=("unet",))
+        psi_root = common.resolve_model(args.psi_teacher, "--psi_teacher", subfolders_with_weights=("unet",))
         psi.unet = UNet2DConditionModel.from_pretrained(psi_root / "unet", torch_dtype=dtype).to(device).eval().requires_grad_(False)
         psi.scheduler_config = json.loads((psi_root / "scheduler" / "scheduler_config.json").read_text())
     encoder = load_fm_encoder(args.fm_encoder, args.fm_encoder_path, teacher_unet=teacher.unet, vae=teacher.vae,
-                              layers=parse_list(args.fm_layers, int), timestep=args.fm_timestep)
+                              layers=parse_list(args.fm_layers, int), timestep=args.fm_timestep, device=device)
     if main_process:
         print(f"Student U-Net {sum(p.numel() for p in student.parameters()):,} parameters (from {student_root}); online "
               f"U-Net {sum(p.numel() for p in online.parameters()):,} (= the offline teacher's).", file=sys.stderr)
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, None, args.num_samples,
-                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None)
-    dataset = pair_dataset(args, psi, teacher, source, output_dir, accelerator)
-    settings = step_settings(args, teacher.scheduler_config, teacher.unet.config.get("num_train_timesteps", 1000),
-                             uncond=uncond, device=device)
+                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None, max_bad_fraction=args.max_bad_fraction)
+    if main_process and source.report is not None:
+        common.write_data_report(output_dir, {"data": source.report})
+    dataset = pair_dataset(args, psi, psi_root, teacher, source, output_dir, accelerator)
+    settings = step_settings(args, teacher.scheduler_config, uncond=uncond, device=device)
 
     def states_of(prompts):
         return common.encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
@@ -930,9 +982,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from sdxs.loading import ModelNotFoundError
-
-    try:
-        sys.exit(main())
-    except ModelNotFoundError as err:  # a teacher/student that is neither a folder nor fetchable: say what to do
-        sys.exit(f"error: {err}")
+    sys.exit(main())
