@@ -7,7 +7,10 @@ The emoji teacher (2-core CPU budget: 90 minutes; see train/README.md "Small tea
     python train/emoji_data.py --out data/emoji
     python train/train_teacher.py --preset full --data data/emoji --output_dir outputs/teacher
 Resume a killed run: the same command plus `--resume latest` (finished phases are skipped, the current
-one continues from its last checkpoint).
+one continues from its last checkpoint; changed settings are refused unless --allow_changed names them).
+Records with an undecodable image or no caption are skipped and counted (OUTPUT_DIR/data_report.json;
+more than --max_bad_fraction of a split stops the run), and a NaN/inf loss or gradient norm stops the run
+before it reaches the weights (--skip_nonfinite N skips up to N such steps per phase first).
 
 Phases, each in OUTPUT_DIR/<phase>/ with its own checkpoints/, log.csv, samples/, loss_curve.png, final/:
 1. vae:  an AutoencoderKL (f = 2^(len(--vae_channels)-1); 4 in the full preset), loss = L1 + MSE
