@@ -426,8 +426,8 @@ def percentiles(values: list[float]) -> dict:
 def summarise_load(records: list[dict], requested: int, wall: float) -> dict:
     done = [r for r in records if "done" in r]
     ok = [r for r in done if r["error"] is None]
-    processing = [r["done"] - r["started"] for r in done if r.get("started")]
-    waits = [r["started"] - r["sent"] for r in done if r.get("started")]
+    processing = [r["done"] - r["started"] for r in done if r.get("started") is not None]
+    waits = [r["started"] - r["sent"] for r in done if r.get("started") is not None]
     digests: dict[int, set] = {}
     for r in ok:
         digests.setdefault(r["key"], set()).add(r["digest"])
