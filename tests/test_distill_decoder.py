@@ -1,4 +1,5 @@
-"""Stage A (train/distill_decoder.py): the student and discriminator, the Eq. 5 losses, a smoke run
+"""Stage A (train/distill_decoder.py): the student and discriminator, the Eq. 5 losses, what one
+decoder / discriminator step computes and what main() feeds it, the finite-loss guard, a smoke run
 whose AutoencoderTiny and pipeline `sdxs` load, a falling loss on a fixed batch, and resume."""
 
 import subprocess
@@ -12,6 +13,7 @@ from conftest import ROOT, offline_env
 from safetensors.torch import load_file
 from train_helpers import column, make_teacher, mean, one_torch_thread, read_log, run_stage, sdxs_engine  # noqa: F401
 
+from train import common
 from train import distill_decoder as stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture imported from train_helpers
@@ -48,6 +50,155 @@ def test_eq5_losses_and_discriminator():
     assert stage.gan_discriminator_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0  # confident and right: no loss
     assert stage.gan_discriminator_loss(torch.zeros(4), torch.zeros(4)) == 2
     assert stage.gan_generator_loss(torch.tensor([1.0, 3.0])) == -2
+
+
+# --- one step (Eq. 5) --------------------------------------------------------------------------------
+
+
+def down8(images: torch.Tensor) -> torch.Tensor:
+    """8x8 block means, written out (not avg_pool2d): what Eq. 5's L1 compares."""
+    n, c, h, w = images.shape
+    return images.reshape(n, c, h // 8, 8, w // 8, 8).mean(dim=(3, 5))
+
+
+def gan_problem(seed: int = 0):
+    """A tiny student AutoencoderTiny and discriminator, latents z and (stand-in) teacher images x~ of them."""
+    torch.manual_seed(seed)
+    vae = stage.make_student_vae(channels=8, decoder_blocks=(1, 1, 1), encoder_blocks=(1, 1, 1)).train()
+    # eval: spectral norm's power iteration then stays put, so D gives the same logits on every call
+    disc = stage.PatchDiscriminator(channels=8, num_layers=2).eval()
+    gen = torch.Generator().manual_seed(seed)
+    apart = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)  # two clearly different samples: swapping them shows
+    z = torch.randn(2, 4, 4, 4, generator=gen) + apart
+    with torch.no_grad():  # near G(z) but for pixel noise (which 8x downsampling averages out) and a per-sample shift
+        teacher_images = vae.decoder(z) + (torch.rand(2, 3, 16, 16, generator=gen) - 0.5) + 0.2 * apart
+    return vae, disc, z, teacher_images
+
+
+def test_decoder_step_is_eq5_against_the_teacher_image_of_the_same_latents():
+    vae, disc, z, x = gan_problem()
+    losses, fake = stage.decoder_step(vae.decoder, vae.encoder, disc, z, x, lambda_gan=0.3, encoder_weight=2.0)
+    with torch.no_grad():
+        assert torch.equal(fake, vae.decoder(z))
+        l1 = (down8(vae.decoder(z)) - down8(x)).abs().mean()  # on 8x-downsampled images, per sample
+        gan_g = -disc(vae.decoder(z)).mean()  # D judges the student's image
+        enc = F.mse_loss(vae.encoder(x), z)
+    assert losses["loss_l1"].item() == pytest.approx(l1.item(), rel=1e-5)
+    assert losses["loss_gan_g"].item() == pytest.approx(gan_g.item(), rel=1e-5)
+    assert losses["loss_enc"].item() == pytest.approx(enc.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(l1.item() + 0.3 * gan_g.item() + 2.0 * enc.item(), rel=1e-5)
+    # the checks can tell: full-resolution L1, or another sample's teacher image, give other values
+    assert F.l1_loss(fake, x).item() != pytest.approx(l1.item(), rel=1e-3)
+    assert (down8(fake) - down8(x.roll(1, 0))).abs().mean().item() != pytest.approx(l1.item(), rel=1e-3)
+
+    before_gan, _ = stage.decoder_step(vae.decoder, None, disc, z, x, lambda_gan=0.0, encoder_weight=2.0)
+    assert set(before_gan) == {"loss", "loss_l1"} and before_gan["loss"].item() == pytest.approx(l1.item(), rel=1e-5)
+
+
+def test_gan_term_starts_after_gan_start_step():
+    assert [stage.gan_weight(step, 0.1, 3) for step in (1, 2, 3, 4, 5)] == [0.0, 0.0, 0.0, 0.1, 0.1]
+
+
+def test_decoder_step_leaves_d_alone_and_discriminator_step_leaves_the_decoder_alone():
+    vae, disc, z, x = gan_problem()
+    losses, fake = stage.decoder_step(vae.decoder, vae.encoder, disc, z, x, lambda_gan=0.3, encoder_weight=1.0)
+    losses["loss"].backward()
+    assert all(p.grad is None for p in disc.parameters())  # D is frozen while it judges G(z) ...
+    assert all(p.requires_grad for p in disc.parameters())  # ... and trainable again afterwards
+    assert all(p.grad is not None for p in vae.decoder.parameters())
+    vae.zero_grad(set_to_none=True)
+
+    _, fake = stage.decoder_step(vae.decoder, vae.encoder, disc, z, x, lambda_gan=0.3, encoder_weight=1.0)
+    loss_d = stage.discriminator_step(disc, x, fake)
+    with torch.no_grad():  # real = the teacher's images x~, fake = the student's G(z) (hinge)
+        expected = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(fake)).mean()
+        swapped = F.relu(1 - disc(fake)).mean() + F.relu(1 + disc(x)).mean()
+    assert loss_d.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert swapped.item() != pytest.approx(expected.item(), rel=1e-3)
+    loss_d.backward()
+    assert all(p.grad is None for p in vae.parameters())  # G(z) detached: D's step does not reach the decoder
+    assert all(p.grad is not None for p in disc.parameters())
+
+
+def test_d_steps_learn_teacher_images_as_real_and_g_steps_move_toward_real():
+    vae, disc, z, x = gan_problem()
+
+    def margin() -> float:
+        with torch.no_grad():
+            return (disc(x).mean() - disc(vae.decoder(z)).mean()).item()
+
+    d_opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    start = margin()
+    for _ in range(10):
+        _, fake = stage.decoder_step(vae.decoder, None, disc, z, x, lambda_gan=1.0, encoder_weight=0.0)
+        stage.discriminator_step(disc, x, fake).backward()
+        d_opt.step()
+        d_opt.zero_grad()
+        vae.zero_grad()
+    assert margin() > start + 0.1  # D(real = x~) rises above D(fake = G(z)) (swapped roles: it falls)
+
+    g_opt = torch.optim.Adam(vae.decoder.parameters(), lr=1e-3)
+    with torch.no_grad():
+        judged = disc(vae.decoder(z)).mean().item()
+    for _ in range(10):  # lambda_GAN large: the GAN term dominates the L1 term
+        losses, _ = stage.decoder_step(vae.decoder, None, disc, z, x, lambda_gan=100.0, encoder_weight=0.0)
+        losses["loss"].backward()
+        g_opt.step()
+        g_opt.zero_grad()
+    with torch.no_grad():
+        assert disc(vae.decoder(z)).mean().item() > judged + 0.5  # G(z) now looks more "real" to D
+
+
+# --- what main() does with it -----------------------------------------------------------------------
+
+
+def test_main_feeds_the_teacher_image_of_the_same_latents_gan_after_its_start_and_one_lr_step(teacher, cache_dir, tmp_path,
+                                                                                              monkeypatch):
+    from diffusers import AutoencoderKL
+
+    g_calls, d_calls = [], []
+    decoder_step, discriminator_step = stage.decoder_step, stage.discriminator_step
+
+    def g_spy(decoder, encoder, disc, latents, teacher_images, **kwargs):
+        g_calls.append(dict(latents=latents, teacher_images=teacher_images, **kwargs))
+        return decoder_step(decoder, encoder, disc, latents, teacher_images, **kwargs)
+
+    def d_spy(disc, teacher_images, fake):
+        d_calls.append(teacher_images)
+        return discriminator_step(disc, teacher_images, fake)
+
+    monkeypatch.setattr(stage, "decoder_step", g_spy)
+    monkeypatch.setattr(stage, "discriminator_step", d_spy)
+    out = tmp_path / "out"
+    assert run_stage(stage, out, "--max_steps", "4", "--gan_start_step", "2", "--lambda_gan", "0.25", "--encoder_weight", "0.5",
+                     "--lr_warmup_steps", "4", "--checkpoint_every", "100", "--sample_every", "0", "--ema_decay", "0",
+                     "--pipeline_base", "none", teacher=teacher, cache_dir=cache_dir) == 0
+    assert [c["lambda_gan"] for c in g_calls] == [0.0, 0.0, 0.25, 0.25] and all(c["encoder_weight"] == 0.5 for c in g_calls)
+    assert len(d_calls) == 2 and all(a is c["teacher_images"] for a, c in zip(d_calls, g_calls[2:]))  # D: from the GAN start
+    vae = AutoencoderKL.from_pretrained(teacher / "vae")
+    with torch.no_grad():
+        for c in g_calls:  # x~ is the teacher decoder's image of these very latents (up to uint8 rounding)
+            decoded = vae.decode(c["latents"] / vae.config.scaling_factor).sample.clamp(-1, 1)
+            assert (decoded - c["teacher_images"]).abs().max() < 0.02
+            assert (decoded - c["teacher_images"].roll(1, 0)).abs().max() > 0.2  # another sample's image is far off
+    rows = read_log(out)
+    assert column(rows, "lr") == pytest.approx([1e-3 * min(1.0, (s + 1) / 4) for s in (1, 2, 3, 4)])  # once per step
+    assert [r["loss_d"] != "" for r in rows] == [False, False, True, True]
+
+
+def test_lr_1e6_stops_at_the_first_non_finite_step_and_keeps_the_last_good_checkpoint(teacher, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(common.NonFiniteLossError) as err:
+        run_stage(stage, out, "--lr", "1e6", "--checkpoint_every", "1", "--sample_every", "0", "--pipeline_base", "none",
+                  teacher=teacher, cache_dir=cache_dir)
+    message = str(err.value.code)
+    assert message.startswith("error: step 2: non-finite loss_l1 = nan") and "(decoder)" in message, message
+    assert "step-0000001" in message and "--resume latest" in message and "--lr" in message
+    # nothing written after the bad step: the good checkpoint is not rotated out, no final folder
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"] and not (out / "final").exists()
+    files = sorted((out / "checkpoints" / "step-0000001").glob("model*.safetensors"))
+    assert len(files) == 3  # decoder, encoder, discriminator
+    assert all(torch.isfinite(v).all() for f in files for v in load_file(f).values())
 
 
 def test_smoke_command_writes_a_decoder_and_a_pipeline_sdxs_loads(tmp_path):

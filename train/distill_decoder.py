@@ -165,6 +165,27 @@ def discriminator_step(disc, teacher_images: torch.Tensor, fake: torch.Tensor) -
     return gan_discriminator_loss(disc(teacher_images), disc(fake.detach()))
 
 
+def guarded_update(accelerator, optimizer, parameters, guard: common.FiniteGuard, step: int, terms: dict[str, float],
+                   max_grad_norm: float, model: str) -> bool:
+    """After the last micro-step's backward pass: clip (max_grad_norm > 0), let the finite-loss guard see the
+    loss terms and the gradient norm, then step the optimizer, or skip the update with its gradients zeroed.
+    Returns whether the weights changed: the caller steps the LR schedule (and EMA) only then."""
+    grad_norm = common.grad_norm_and_clip(accelerator, parameters, max_grad_norm)
+    # fp16's grad scaler skips an overflowing step and lowers its scale (normal in the first steps): it owns the
+    # gradient norm then; a non-finite loss is still the guard's.
+    take = guard.check(step, terms, grad_norm if accelerator.scaler is None else None, model=model)
+    if take:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return take and not optimizer.step_was_skipped
+
+
+def add_mean(sums: dict[str, float], losses: dict[str, torch.Tensor], grad_accum: int) -> None:
+    """Add one micro-step's loss values to the step's running means (what the log and the guard see)."""
+    for k, v in losses.items():
+        sums[k] = sums.get(k, 0.0) + v.detach().float().item() / grad_accum
+
+
 # --- arguments -----------------------------------------------------------------------------------
 
 
@@ -284,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         common.save_image_grid(rows, output_dir / "samples" / f"step-{step:07d}.png")
 
     # --- loop --------------------------------------------------------------------------------------
+    guard = common.FiniteGuard(args.skip_nonfinite, output_dir)
     tick, seen = time.perf_counter(), 0
     for step in range(start_step + 1, args.max_steps + 1):
         lambda_gan = gan_weight(step, args.lambda_gan, args.gan_start_step)
-        sums = {}
+        sums, decoder_updated, disc_updated = {}, False, False
         for _ in range(args.grad_accum):
             batch = next(batches)
             z = batch["latents"].to(accelerator.device)
@@ -296,23 +318,24 @@ def main(argv: list[str] | None = None) -> int:
                 losses, fake = decoder_step(decoder, encoder, raw_disc, z, teacher_images, lambda_gan=lambda_gan,
                                             encoder_weight=args.encoder_weight)
                 accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trained, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if lambda_gan > 0:
-                    losses["loss_d"] = discriminator_step(disc, teacher_images, fake)
-                    accelerator.backward(losses["loss_d"])
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float().item() / args.grad_accum
+                add_mean(sums, losses, args.grad_accum)
+                if accelerator.sync_gradients:
+                    decoder_updated = guarded_update(accelerator, optimizer, trained, guard, step, {k: sums[k] for k in losses},
+                                                     args.max_grad_norm, "decoder")
+                if lambda_gan > 0:  # D trains from the GAN start on
+                    loss_d = discriminator_step(disc, teacher_images, fake)
+                    accelerator.backward(loss_d)
+                    add_mean(sums, {"loss_d": loss_d}, args.grad_accum)
+                    if accelerator.sync_gradients:  # D's gradients are not clipped (max_grad_norm 0: the norm only)
+                        disc_updated = guarded_update(accelerator, disc_optimizer, disc.parameters(), guard, step,
+                                                      {"loss_d": sums["loss_d"]}, 0.0, "discriminator")
             seen += len(z) * accelerator.num_processes
-        lr_schedules[0].step()
-        if lambda_gan > 0:  # D's warm-up counts from the GAN start
+        if decoder_updated:  # a skipped update (--skip_nonfinite) steps neither the schedule nor the EMA
+            lr_schedules[0].step()
+            if ema is not None:
+                common.ema_update(ema, vae, args.ema_decay, step)
+        if disc_updated:  # D's warm-up counts from the GAN start
             lr_schedules[1].step()
-        if ema is not None:
-            common.ema_update(ema, vae, args.ema_decay, step)
 
         progress.update({k.removeprefix("loss_") if k != "loss" else k: v for k, v in sums.items()})
         if step % args.log_every == 0 or step == args.max_steps:
