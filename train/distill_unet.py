@@ -10,16 +10,16 @@ Paper scale, 8 GPUs (see train/README.md):
 Resume a killed run: the same command plus `--resume latest`.
 
 What it does:
-1. Student architecture (derive_student_config), the SDXS recipe applied to any SD-style teacher
-   config: drop the mid block, the last down stage and the first up stage, the transformers of the
+1. Student architecture (derive_student_config), the SDXS recipe applied to an SD-1.x/SD-2.x-style
+   teacher config (others, e.g. SDXL, are refused up front: check_teacher_unet): drop the mid block, the last down stage and the first up stage, the transformers of the
    highest-resolution stage, and one resnet per stage. SD-1.5 gives exactly the SDXS-512-DreamShaper
    U-Net (315,746,244 parameters), SD-2.1-base 318.7 M (paper Table 3: 319 M).
 2. Student weights (init_student_from_teacher): every kept block is copied from the teacher with an
    explicit mapping (block_map), BK-SDM style: student down stage i <- teacher down stage i, keeping
    its first resnets/transformers; student up stage j <- teacher up stage j+1, dropping the
    second-to-last resnet/transformer, so e.g. student up_blocks.0.resnets.1 <- teacher
-   up_blocks.1.resnets.2; that keeps every skip connection's meaning and shape. The copied, freshly
-   initialised and dropped key sets are computed and asserted.
+   up_blocks.1.resnets.2; that keeps every skip connection's meaning and shape. Every student tensor
+   is copied (a teacher that does not fit is refused); the copied and dropped key sets are asserted.
 3. Loss, no denoising (task) loss: L_KD = L_OKD + lambda_F * L_FKD (Eq. 8): output KD, MSE between
    student and teacher eps on the same x_t, t (Eq. 6), plus feature KD, MSE at the output of every
    down/up block, matched by the mapping and read with forward hooks (Eq. 7). x_t: cached teacher
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -76,14 +77,57 @@ _PER_STAGE = ("block_out_channels", "down_block_types", "layers_per_block", "att
               "only_cross_attention", "transformer_layers_per_block", "cross_attention_dim")
 
 
+SUPPORTED_TEACHERS = (
+    "an SD-1.x/SD-2.x-style UNet2DConditionModel (e.g. SD-1.5 / DreamShaper-8, SD-2.1-base): at least 3 down stages of "
+    "CrossAttnDownBlock2D/DownBlock2D and as many up stages of CrossAttnUpBlock2D/UpBlock2D, at least 2 resnets per down "
+    "stage, one transformer layer per attention block, and no class or added (e.g. SDXL's text_time) embeddings. "
+    "SDXL-style teachers (SDXS-1024) are not supported yet")
+_DOWN_BLOCKS, _UP_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
+_EXTRA_EMBEDDINGS = ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim_type")
+
+
+def unsupported_teacher_features(teacher_config: dict) -> list[str]:
+    """What in a teacher U-Net config the recipe does not handle (empty for SD-1.x/SD-2.x-style configs):
+    the block mapping, the feature pairs and the weight copy assume exactly SUPPORTED_TEACHERS."""
+    config = dict(teacher_config)
+    problems = []
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        problems.append(f"_class_name {config['_class_name']}")
+    down, up = list(config.get("down_block_types") or ()), list(config.get("up_block_types") or ())
+    if len(down) < 3 or len(up) != len(down):
+        problems.append(f"{len(down)} down and {len(up)} up stages")
+    others = [b for b in down if b not in _DOWN_BLOCKS] + [b for b in up if b not in _UP_BLOCKS]
+    if others:
+        problems.append(f"block types {', '.join(dict.fromkeys(others))}")
+    for key in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
+        value = config.get(key)
+        if value is not None and any(n != 1 for n in _flat(value)):
+            problems.append(f"{key} {list(value) if isinstance(value, tuple) else value}")
+    if down and min(_per_stage(config.get("layers_per_block", 2), len(down))) < 2:
+        problems.append(f"layers_per_block {config.get('layers_per_block')} (the recipe removes one resnet per stage)")
+    problems += [f"{key} {config[key]!r}" for key in _EXTRA_EMBEDDINGS if config.get(key) is not None]
+    return problems
+
+
+def check_teacher_unet(teacher_config: dict, teacher: str = "the teacher") -> None:
+    """Refuse, with one message, a teacher U-Net the recipe does not support (before anything is built)."""
+    problems = unsupported_teacher_features(teacher_config)
+    if problems:
+        raise SystemExit(f"error: {teacher}'s U-Net is not one stage B's block-removal recipe supports: it has "
+                         f"{'; '.join(problems)}. Supported: {SUPPORTED_TEACHERS}.")
+
+
+def _flat(value) -> list:
+    return [x for v in value for x in _flat(v)] if isinstance(value, (list, tuple)) else [value]
+
+
 def derive_student_config(teacher_config: dict) -> dict:
     """The SDXS student U-Net config of an SD-style teacher config (UNet2DConditionModel kwargs):
     no mid block, the last down stage and the first up stage removed, plain (transformer-free) blocks
-    at the highest resolution, and one resnet fewer per stage."""
+    at the highest resolution, and one resnet fewer per stage. Refuses unsupported teachers (check_teacher_unet)."""
+    check_teacher_unet(teacher_config)
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     n = len(config["down_block_types"])
-    if n < 3 or len(config["up_block_types"]) != n:
-        raise ValueError(f"Expected an SD-style U-Net with matching down/up stages (>= 3); got {config['down_block_types']}.")
     for key in _PER_STAGE:
         if isinstance(config.get(key), (list, tuple)):
             config[key] = tuple(config[key])[: n - 1]
@@ -92,8 +136,6 @@ def derive_student_config(teacher_config: dict) -> dict:
         config["reverse_transformer_layers_per_block"] = tuple(config["reverse_transformer_layers_per_block"])[1:]
     layers = config.get("layers_per_block", 2)
     config["layers_per_block"] = tuple(k - 1 for k in layers) if isinstance(layers, tuple) else layers - 1
-    if min(_per_stage(config["layers_per_block"], n - 1)) < 1:
-        raise ValueError("The teacher has one resnet per stage; the recipe removes one, leaving none.")
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     down[0], up[-1] = down[0].replace("CrossAttn", ""), up[-1].replace("CrossAttn", "")  # highest resolution: no transformers
     config["down_block_types"], config["up_block_types"] = tuple(down), tuple(up)
@@ -151,19 +193,20 @@ def removed_prefixes(teacher_config: dict) -> list[str]:
 
 @dataclass
 class StudentInit:
-    """How the student's weights were set: copied from the teacher, freshly initialised, or dropped."""
+    """How the student's weights are set: every one copied from the teacher; the rest of the teacher dropped."""
 
     copied: dict[str, str]  # student key -> teacher key
-    new: set[str]  # student keys with no teacher counterpart of the same shape
     dropped: set[str]  # teacher keys the recipe removes
 
 
 def plan_student_init(teacher_config: dict, teacher_shapes: dict[str, torch.Size], student_shapes: dict[str, torch.Size]) -> StudentInit:
     """Map every student weight to its teacher weight by block_map; assert that each teacher weight is
-    either copied or removed by the recipe (never both, never neither). Works on shapes alone, so the
+    either copied or removed by the recipe (never both, never neither). A student weight without a
+    teacher weight of its shape is refused (ValueError): for the supported teachers there is none, and a
+    freshly initialised block would silently break the distillation. Works on shapes alone, so the
     full-size check runs on meta-device models."""
     prefixes = block_map(teacher_config)
-    copied, new = {}, set()
+    copied, unmatched = {}, []
     for key, shape in student_shapes.items():
         parts = key.split(".")
         if parts[0] in ("down_blocks", "up_blocks"):
@@ -174,7 +217,10 @@ def plan_student_init(teacher_config: dict, teacher_shapes: dict[str, torch.Size
         if teacher_key in teacher_shapes and teacher_shapes[teacher_key] == shape:
             copied[key] = teacher_key
         else:
-            new.add(key)
+            unmatched.append(f"{key} {tuple(shape)} <- {teacher_key} {tuple(teacher_shapes[teacher_key]) if teacher_key in teacher_shapes else '(none)'}")
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} student weight(s) have no teacher weight of the same shape to copy, e.g. "
+                         f"{'; '.join(unmatched[:3])}. The recipe copies every student weight; supported: {SUPPORTED_TEACHERS}.")
     dropped = set(teacher_shapes) - set(copied.values())
     removed = tuple(removed_prefixes(teacher_config))
     assert len(set(copied.values())) == len(copied), "two student weights copied from one teacher weight"
@@ -182,20 +228,19 @@ def plan_student_init(teacher_config: dict, teacher_shapes: dict[str, torch.Size
     assert not wrongly_copied, f"copied weights of blocks the recipe removes: {wrongly_copied[:5]}"
     unexplained = sorted(k for k in dropped if not k.startswith(removed))
     assert not unexplained, f"teacher weights neither copied nor removed by the recipe: {unexplained[:5]}"
-    return StudentInit(copied, new, dropped)
+    return StudentInit(copied, dropped)
 
 
 def init_student_from_teacher(teacher_unet):
     """Build the student U-Net from the teacher's config and copy the teacher's weights into it
-    (plan_student_init); asserts that exactly the planned keys were loaded. Returns (student, plan)."""
+    (plan_student_init); the strict load asserts that every student weight was copied. Returns (student, plan)."""
     from diffusers import UNet2DConditionModel
 
     student = UNet2DConditionModel(**derive_student_config(teacher_unet.config))
     teacher_state = teacher_unet.state_dict()
     plan = plan_student_init(teacher_unet.config, {k: v.shape for k, v in teacher_state.items()},
                              {k: v.shape for k, v in student.state_dict().items()})
-    missing, unexpected = student.load_state_dict({s: teacher_state[t] for s, t in plan.copied.items()}, strict=False)
-    assert set(missing) == plan.new and not unexpected, (sorted(set(missing) ^ plan.new)[:5], unexpected[:5])
+    student.load_state_dict({s: teacher_state[t] for s, t in plan.copied.items()}, strict=True)
     return student, plan
 
 
@@ -284,6 +329,21 @@ def kd_step(student, teacher_unet, hooks: FeatureHooks, x_t: torch.Tensor, t: to
     return {"loss": loss_out + lambda_feat * loss_feat, "loss_out": loss_out, "loss_feat": loss_feat}  # Eq. 8
 
 
+def guarded_update(accelerator, optimizer, parameters, guard: common.FiniteGuard, step: int, terms: dict[str, float],
+                   max_grad_norm: float, model: str) -> bool:
+    """After the last micro-step's backward pass: clip (max_grad_norm > 0), let the finite-loss guard see the
+    loss terms and the gradient norm, then step the optimizer, or skip the update with its gradients zeroed.
+    Returns whether the weights changed: the caller steps the LR schedule (and EMA) only then."""
+    grad_norm = common.grad_norm_and_clip(accelerator, parameters, max_grad_norm)
+    # fp16's grad scaler skips an overflowing step and lowers its scale (normal in the first steps): it owns the
+    # gradient norm then; a non-finite loss is still the guard's.
+    take = guard.check(step, terms, grad_norm if accelerator.scaler is None else None, model=model)
+    if take:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return take and not optimizer.step_was_skipped
+
+
 # --- arguments -----------------------------------------------------------------------------------
 
 
@@ -321,13 +381,15 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny_dir = resolve_model_dir(args.tiny_decoder, subfolders_with_weights=("",)) if args.tiny_decoder else None  # fail early
     teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
+    teacher_root = resolve_model_dir(teacher_id, subfolders_with_weights=("unet", "text_encoder", "vae"))
+    if (teacher_root / "unet" / "config.json").is_file():  # refuse an unsupported U-Net before loading it
+        check_teacher_unet(json.loads((teacher_root / "unet" / "config.json").read_text()), f"Teacher '{teacher_id}'")
     teacher = common.load_teacher(teacher_id, device, torch.float32)  # fp32 first: the student copies exact weights
     student, plan = init_student_from_teacher(teacher.unet)
     if main_process:
         n_params = sum(p.numel() for p in student.parameters())
-        print(f"Student U-Net: {n_params:,} parameters; {len(plan.copied)} tensors copied from the teacher, "
-              f"{len(plan.new)} new{': ' + ', '.join(sorted(plan.new)) if plan.new else ''}; {len(plan.dropped)} teacher tensors dropped.",
-              file=sys.stderr)
+        print(f"Student U-Net: {n_params:,} parameters, all {len(plan.copied)} tensors copied from the teacher; "
+              f"{len(plan.dropped)} teacher tensors dropped.", file=sys.stderr)
     dtype = common.weight_dtype(args.mixed_precision)
     teacher.unet.to(dtype)
     teacher.text_encoder.to(dtype)
@@ -398,9 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         common.save_image_grid(rows, output_dir / "samples" / f"step-{step:07d}.png")
 
     # --- loop --------------------------------------------------------------------------------------
+    guard = common.FiniteGuard(args.skip_nonfinite, output_dir)
     tick, seen = time.perf_counter(), 0
     for step in range(start_step + 1, args.max_steps + 1):
-        sums = dict.fromkeys(LOSSES, 0.0)
+        sums, updated = dict.fromkeys(LOSSES, 0.0), False
         for micro in range(args.grad_accum):
             gen = common.step_generator(args.seed, 0 if args.overfit_batch else step * args.grad_accum + micro, accelerator.process_index)
             x_t, t, states = kd_inputs(next(batches), gen, noise_scheduler=noise_scheduler, tokenizer=teacher.tokenizer,
@@ -408,16 +471,15 @@ def main(argv: list[str] | None = None) -> int:
             with accelerator.accumulate(student):
                 losses = kd_step(student, teacher.unet, hooks, x_t, t, states, lambda_feat=args.lambda_feat)
                 accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k in LOSSES:
-                sums[k] += losses[k].detach().float().item() / args.grad_accum
+                for k in LOSSES:
+                    sums[k] += losses[k].detach().float().item() / args.grad_accum
+                if accelerator.sync_gradients:
+                    updated = guarded_update(accelerator, optimizer, student.parameters(), guard, step, sums, args.max_grad_norm, "student")
             seen += len(x_t) * accelerator.num_processes
-        lr_schedule.step()
-        if ema is not None:
-            common.ema_update(ema, raw_student, args.ema_decay, step)
+        if updated:  # once per optimizer step; a skipped update (--skip_nonfinite) steps neither the schedule nor the EMA
+            lr_schedule.step()
+            if ema is not None:
+                common.ema_update(ema, raw_student, args.ema_decay, step)
 
         progress.update({"loss": sums["loss"], "out": sums["loss_out"], "feat": sums["loss_feat"]})
         if step % args.log_every == 0 or step == args.max_steps:
