@@ -99,7 +99,8 @@ def test_strokes_accumulate(tmp_path):
 
 
 def record(key, error=None, digest="a", sent=0.0, started=0.5, done=1.0, queue_size=0):
-    return {"key": key, "error": error, "digest": digest, "sent": sent, "started": started, "done": done, "queue_size": queue_size}
+    """A request as send() records it; the answer arrives 0.1 s before the client is done with it."""
+    return {"key": key, "error": error, "digest": digest, "sent": sent, "started": started, "finished": done - 0.1, "done": done, "queue_size": queue_size}
 
 
 def test_summary_counts_failures_unsent_requests_and_mixed_answers():
@@ -109,7 +110,7 @@ def test_summary_counts_failures_unsent_requests_and_mixed_answers():
     assert summary["sent"] == 4 and summary["succeeded"] == 3 and summary["failures"] == 2  # one failed, one never sent
     assert summary["errors"] == ["boom"] and summary["inputs_with_differing_answers"] == [0]
     assert summary["latency_s"]["max"] == 2 and summary["queue_wait_s"]["max"] == 1 and summary["longest_queue"] == 3
-    assert summary["server_concurrency"] == 1.0 and summary["throughput_rps"] == 0.75
+    assert summary["processing_s"]["p50"] == 0.9 and summary["server_concurrency"] == 0.9 and summary["throughput_rps"] == 0.75
 
 
 def passing_report(**changes):
@@ -139,3 +140,9 @@ def test_load_is_bounded(flags, capsys):
     with pytest.raises(SystemExit):
         load_test.parse_args(flags)
     assert "must be" in capsys.readouterr().err
+
+
+def test_rss_timeline_spans_the_run():
+    sampler = load_test.RssSampler(pid=0)
+    sampler.samples = [100.0, 110.0, 120.0, 130.0, 140.0, 150.0, 160.0, 170.0, 180.0]
+    assert sampler.timeline(points=5) == [100, 120, 140, 160, 180]

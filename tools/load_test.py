@@ -151,18 +151,18 @@ def rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
 
-class PeakRss:
-    """Samples the server's RSS every `period` s in a thread, keeping the peak."""
+class RssSampler:
+    """Samples the server's RSS every `period` s in a thread: the peak, and a timeline."""
 
     def __init__(self, pid: int, period: float = 0.25):
-        self.pid, self.period, self.peak = pid, period, 0.0
+        self.pid, self.period, self.samples = pid, period, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, rss_mb(self.pid))
+                self.samples.append(rss_mb(self.pid))
             except psutil.Error:
                 return
             self._stop.wait(self.period)
@@ -174,6 +174,13 @@ class PeakRss:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+    def timeline(self, points: int = 5) -> list[int]:
+        """RSS at `points` evenly spaced moments from the first sample to the last: growth that keeps
+        on going (a leak) versus a level reached early (buffers, caches)."""
+        if not self.samples:
+            return []
+        return [round(self.samples[round(i * (len(self.samples) - 1) / (points - 1))]) for i in range(points)]
 
 
 def folder_usage(folder: Path) -> dict:
@@ -290,21 +297,24 @@ def connect(url: str, workdir: Path):
     return Client(url, verbose=False, download_files=str(downloads), analytics_enabled=False)
 
 
-def queue_record(job) -> tuple[float | None, int]:
-    """(when the server started the job, the longest queue it reported while the job waited), from
-    gradio_client's record of the server's queue messages (what `async for update in job` yields)."""
+def queue_record(job) -> dict:
+    """When the server started the job and when its answer arrived (before the client downloads the
+    image files), and the longest queue the server reported while it waited: from gradio_client's
+    record of the server's queue messages (what `async for update in job` yields)."""
     from gradio_client.utils import Status, StatusUpdate
 
-    started, longest = None, 0
-    updates = job.communicator.updates if job.communicator else None
+    record = {"started": None, "finished": None, "queue_size": 0}
+    updates = job.communicator.updates if job is not None and job.communicator else None
     while updates is not None and not updates.empty():
         update = updates.get_nowait()
         if not isinstance(update, StatusUpdate):
             continue
-        if update.code == Status.PROCESSING and started is None:
-            started = update.time.timestamp()
-        longest = max(longest, update.queue_size or 0)
-    return started, longest
+        if update.code == Status.PROCESSING and record["started"] is None:
+            record["started"] = update.time.timestamp()
+        if update.code == Status.FINISHED:
+            record["finished"] = update.time.timestamp()
+        record["queue_size"] = max(record["queue_size"], update.queue_size or 0)
+    return record
 
 
 def send(client, endpoint: str, app, i: int, deadline: float) -> dict:
@@ -324,7 +334,7 @@ def send(client, endpoint: str, app, i: int, deadline: float) -> dict:
     except Exception as err:  # noqa: BLE001 - any error the client raises is a failed request, recorded
         record["error"] = f"{type(err).__name__}: {err}"
     record["done"] = time.time()
-    record["started"], record["queue_size"] = queue_record(job) if job is not None else (None, 0)
+    record.update(queue_record(job))
     return record
 
 
@@ -426,7 +436,7 @@ def percentiles(values: list[float]) -> dict:
 def summarise_load(records: list[dict], requested: int, wall: float) -> dict:
     done = [r for r in records if "done" in r]
     ok = [r for r in done if r["error"] is None]
-    processing = [r["done"] - r["started"] for r in done if r.get("started") is not None]
+    processing = [r["finished"] - r["started"] for r in done if r.get("started") is not None and r.get("finished") is not None]
     waits = [r["started"] - r["sent"] for r in done if r.get("started") is not None]
     digests: dict[int, set] = {}
     for r in ok:
@@ -443,6 +453,7 @@ def summarise_load(records: list[dict], requested: int, wall: float) -> dict:
         "throughput_rps": round(len(ok) / wall, 2) if wall > 0 else None,
         "latency_s": percentiles([r["done"] - r["sent"] for r in done]),
         "queue_wait_s": percentiles(waits),
+        "processing_s": percentiles(processing),  # the server's start to its answer, as the clients saw them
         "longest_queue": max((r["queue_size"] for r in done), default=0),
         "server_concurrency": round(sum(processing) / wall, 2) if wall > 0 and processing else None,
     }
@@ -493,10 +504,12 @@ def markdown_table(report: dict) -> str:
         ("load", f"{load['requested']} requests from {report['clients']} clients, {load['sent']} sent, {load['failures']} failed"),
         ("latency (s)", f"p50 {lat['p50']}, p95 {lat['p95']}, max {lat['max']}"),
         ("queue wait (s)", f"p50 {wait['p50']}, p95 {wait['p95']}, max {wait['max']}; longest queue reported: {load['longest_queue']}"),
+        ("processing (s)", f"p50 {load['processing_s']['p50']}, p95 {load['processing_s']['p95']} (server start to answer, seen by the clients)"),
         ("server concurrency", f"{load['server_concurrency']} (summed processing time / wall time; 1 = one at a time)"),
         ("throughput", f"{load['throughput_rps']} requests/s over {load['wall_s']} s"),
         ("same input, same image", "yes" if not load["inputs_with_differing_answers"] else f"no: {load['inputs_with_differing_answers'][:5]}"),
         ("server RSS (MiB)", f"start {rss['start']}, before {rss['before']}, after {rss['after']}, peak {rss['peak']}; growth {rss['growth']:+.1%}"),
+        ("RSS during the load (MiB)", " → ".join(map(str, rss["load_timeline"]))),
         ("server files", f"{report['server_files']['files']} files, {report['server_files']['mb']} MiB written"),
     ]
     if live := report.get("live"):
@@ -568,14 +581,15 @@ def run(args, workdir: Path) -> dict:
         report["warmup"] = summarise_load(warmup, args.warmup, sum(r.get("done", 0) - r.get("sent", 0) for r in warmup))
         rss_before = rss_mb(proc.pid)
         start = time.time()
-        with PeakRss(proc.pid) as peak:
+        with RssSampler(proc.pid) as sampler:
             records = run_clients(url, workdir, endpoint, app, args.clients, args.warmup, args.requests, deadline)
         report["load"] = summarise_load(records, args.requests, time.time() - start)
         if args.app == "sketch":
             report["live"] = run_live(url, workdir, endpoint, app, args, deadline)
         rss_after = rss_mb(proc.pid)
         report["rss_mb"] = {
-            "start": round(rss_start), "before": round(rss_before), "after": round(rss_after), "peak": round(max(peak.peak, rss_after)),
+            "start": round(rss_start), "before": round(rss_before), "after": round(rss_after),
+            "peak": round(max([*sampler.samples, rss_after])), "load_timeline": sampler.timeline(),
             "growth": round((rss_after - rss_before) / rss_before, 4),
         }
         report["server_files"] = folder_usage(workdir / "server-files")
