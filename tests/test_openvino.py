@@ -1,5 +1,8 @@
 """The OpenVINO CPU backend gives the same images as the PyTorch reference (within rounding)."""
 
+import logging
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +103,33 @@ def test_auto_falls_back_to_torch_when_openvino_would_not_fit(tiny_model_dir, mo
     assert SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="openvino").backend == "openvino"
     monkeypatch.setattr(ovb, "available_memory_bytes", lambda: 2**40)
     assert SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="auto").backend == "openvino"
+
+
+def test_warm_up_compiles_every_decoder_and_the_sketch_mode_at_the_native_size(tiny_model_dir, ov_engine, caplog):
+    """After the start-up (load, then warm-up, each logged with its time), a visitor's first request in
+    either decoder or the sketch mode compiles nothing."""
+    ov_engine.text_to_image("a cat")  # the IR is in the cache: this engine only reads and compiles
+    caplog.set_level(logging.INFO, logger="sdxs")
+    engine = SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="openvino")
+    engine.warm_up()
+    latents = (1, 4, 64, 64)
+    nets = {name: vae.net for name, vae in engine.components.decoders.items()}
+    nets.update(unet=engine.components.unet.net, controlnet=engine.components.controlnet.net)
+    assert all(len(net.compiled) == 1 for net in nets.values())
+    assert list(nets["tiny"].compiled) == list(nets["large"].compiled) == [(latents,)]
+    assert next(iter(nets["controlnet"].compiled))[0] == latents
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("sdxs")]
+    assert any(re.fullmatch(r"Loaded .* in \d+\.\d s: decoders tiny, large, sketch ControlNet\.", m) for m in messages)
+    assert any(re.fullmatch(r"OpenVINO: decoder-large compiled for \[\[1, 4, 64, 64\]\] in \d+\.\d s", m) for m in messages)
+    assert any(re.fullmatch(r"Warm-up done in \d+\.\d s\.", m) for m in messages)
+    engine.text_to_image("a cat", decoder="large")
+    engine.sketch_to_image(sketch(), "a cat", decoder="large")
+    assert all(len(net.compiled) == 1 for net in nets.values())
+
+
+def test_sizes_that_do_not_halve_evenly_in_the_unet_are_refused_before_openvino(ov_engine):
+    """520 is a multiple of 8, but its 65 latents do not halve twice: the traced U-Net's skip
+    connections would not fit (an OpenVINO shape error inside a server). Refused up front."""
+    with pytest.raises(ValueError, match="width must be a multiple of 32"):
+        ov_engine.text_to_image("a cat", width=520)
+    assert ov_engine.text_to_image("a cat", width=544, height=512).images[0].size == (544, 512)
