@@ -8,14 +8,17 @@
 from __future__ import annotations
 
 import argparse
-import random
+import logging
 import sys
 
 import gradio as gr
 
 from sdxs import DEFAULT_MODEL, MODELS, ModelNotFoundError, SDXSEngine
 from sdxs.registry import ANIME_LORA
-from sdxs.webapp import MAX_SEED, add_common_flags, display_name, gpu, load_engine_or_exit, status_line
+from sdxs.validation import MAX_SEED, clean_prompt, parse_count, parse_seed, random_seed
+from sdxs.webapp import add_common_flags, configure_console, display_name, gpu, launch, load_engine_or_exit, status_line
+
+log = logging.getLogger("sdxs.app")
 
 MAX_IMAGES = 4
 EXAMPLES = [
@@ -35,23 +38,31 @@ def make_generate(engines: dict[str, SDXSEngine] | SDXSEngine):
     """The event handler: UI values in, (images, seed used, status line) out.
 
     `engines` maps a model label to an engine (or is one engine); style variants share every
-    module but the U-Net, and each was built once at start-up, so no request mutates anything."""
+    module but the U-Net, and each was built once at start-up, so no request mutates anything.
+    The values arrive as sent (the event runs with preprocess=False): every one is checked here,
+    and any bad one becomes a gr.Error that says what to change; the server keeps serving."""
     engines = as_choices(engines)
 
     @gpu
     def run(style: str, prompt: str, seed: int, num_images: int, decoder: str):
-        return engines[style].text_to_image(prompt, seed=seed, num_images=num_images, decoder=decoder)
+        return engines[style].text_to_image(prompt, seed=seed, num_images=num_images, decoder=decoder)  # at the native size
 
-    def generate(prompt: str, seed: float, randomize_seed: bool, num_images: float, decoder: str, style: str | None = None):
-        style = style if style in engines else next(iter(engines))
-        seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed)
+    def generate(prompt, seed, randomize_seed, num_images, decoder, style=None):
+        style = style if isinstance(style, str) and style in engines else next(iter(engines))  # a label, never a path
         try:
-            result = run(style, prompt or "", seed, int(num_images), decoder)
-        except ValueError as err:  # bad input: say what to change, keep the server up
+            prompt, notes = clean_prompt(prompt)
+            seed = random_seed() if randomize_seed is True else parse_seed(seed)
+            num_images = parse_count(num_images, "Number of images", MAX_IMAGES)
+            result = run(style, prompt, seed, num_images, decoder)
+        except ValueError as err:  # bad input: say what to change
             raise gr.Error(str(err)) from None
-        for warning in result.warnings:
-            gr.Warning(warning)
-        return result.images, seed, status_line(result, engines[style], seed)
+        except Exception as err:  # a bug or a broken model: log it, keep the server up
+            log.exception("generation failed")
+            raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None
+        notes += result.warnings
+        for note in notes:
+            gr.Warning(note)
+        return result.images, seed, status_line(result, engines[style], seed, notes)
 
     return generate
 
@@ -64,22 +75,22 @@ def build_demo(engines: dict[str, SDXSEngine] | SDXSEngine) -> gr.Blocks:
         gr.Markdown(
             f"# SDXS: real-time one-step text-to-image\n"
             f"Model: **{display_name(first)}** on {first.device.type} ({str(first.dtype).removeprefix('torch.')}). "
-            f"One U-Net step at t=999, no guidance; trained at 512x512."
+            f"One U-Net step at t=999, no guidance; {first.native_size}x{first.native_size} pixels, the size it was trained at."
         )
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", placeholder="Enter your prompt", max_lines=2, scale=5, elem_id="prompt")
             run_button = gr.Button("Run", variant="primary", scale=1, elem_id="run")
         gallery = gr.Gallery(label="Images", format="png", columns=2, height=560, object_fit="contain", buttons=["download", "fullscreen"], elem_id="gallery")
-        status = gr.Markdown(elem_id="status")
+        status = gr.Markdown(label="Status", elem_id="status")
         with gr.Accordion("Settings", open=False):
             style = gr.Radio(list(engines), value=next(iter(engines)), label="Model", visible=len(engines) > 1, elem_id="style")
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, minimum=0, maximum=MAX_SEED, precision=0)
+                seed = gr.Number(label="Seed", value=0, info=f"A whole number from 0 to {MAX_SEED}")
                 randomize_seed = gr.Checkbox(label="Randomise seed", value=True)
             num_images = gr.Slider(label="Number of images", minimum=1, maximum=MAX_IMAGES, step=1, value=1)
             decoder = gr.Radio(
                 [(DECODER_LABELS.get(d, d), d) for d in first.decoders],
-                value=first.decoders[0],
+                value=first.default_decoder,
                 label="Image decoder",
                 info="Tiny is fastest; large is the original SD decoder, slower, finer detail.",
             )
@@ -91,6 +102,7 @@ def build_demo(engines: dict[str, SDXSEngine] | SDXSEngine) -> gr.Blocks:
             outputs=[gallery, seed, status],
             api_name="generate",
             concurrency_limit=1,
+            preprocess=False,  # raw values to `generate`, which checks them (sdxs.validation) with its own messages
         )
     return demo
 
@@ -122,8 +134,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    demo = build_demo(load_engines(args))
-    demo.queue(max_size=32).launch(server_name=args.host, server_port=args.port, share=args.share)
+    configure_console()
+    launch(build_demo(load_engines(args)), args, max_queue=32)
     return 0
 
 

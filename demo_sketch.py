@@ -8,49 +8,92 @@
 from __future__ import annotations
 
 import argparse
-import random
+import logging
 import sys
 
 import gradio as gr
+from gradio.components.image_editor import EditorData
 
 from sdxs import SDXSEngine
 from sdxs.registry import SKETCH_MODEL
-from sdxs.sketch import blank_sketch, prepare_sketch
+from sdxs.sketch import blank_sketch, prepare_sketch_with_notes
 from sdxs.styles import DEFAULT_STYLE, STYLES, apply_style
-from sdxs.webapp import MAX_SEED, add_common_flags, display_name, gpu, load_engine_or_exit, status_line
+from sdxs.validation import EMPTY_PROMPT_NOTE, MAX_SEED, clean_text, open_image, parse_seed, parse_strength, random_seed
+from sdxs.webapp import add_common_flags, configure_console, display_name, gpu, launch, load_engine_or_exit, sketch_size, status_line
 
 EMPTY_MESSAGE = "Draw on the canvas (or upload a line drawing) to start: the image follows every stroke."
+log = logging.getLogger("sdxs.sketch_app")
 
 
-def make_generate(engine: SDXSEngine):
+def canvas_reader(canvas: gr.ImageEditor | None):
+    """A function: the canvas value as sent (the events run with preprocess=False) -> PIL images.
+
+    Files (an upload through the API) are opened here, by sdxs.validation.open_image, under the
+    app's size and pixel limits, so a damaged file or a decompression bomb gets the app's own
+    message instead of failing inside Gradio. Strokes drawn in the browser arrive as blobs that
+    only the component can read (its preprocess, under PIL's pixel limit set at launch). Values
+    that are already images (tests, Python callers) pass through."""
+
+    def read_file(file):
+        return open_image(file["path"]) if isinstance(file, dict) and "path" in file else file
+
+    def read(value):
+        if not isinstance(value, dict):
+            return value
+        if value.get("id") is not None and canvas is not None:
+            return canvas.preprocess(EditorData(**value))
+        return {
+            "background": read_file(value.get("background")),
+            "layers": [read_file(layer) for layer in value.get("layers") or []],
+            "composite": read_file(value.get("composite")),
+        }
+
+    return read
+
+
+def make_generate(engine: SDXSEngine, canvas_component: gr.ImageEditor | None = None):
     """The event handler: canvas and settings in, (image, sketch as seen, status) out.
-    An empty canvas gives a white image and a hint, never an error."""
+    An empty canvas gives a white image and a hint, never an error; any bad value a gr.Error
+    that says what to change, and the server keeps serving."""
+    read_canvas = canvas_reader(canvas_component)
 
     @gpu
     def run(sketch, prompt: str, seed: int, control_strength: float):
-        return engine.sketch_to_image(sketch, prompt, seed=seed, control_strength=control_strength)
+        return engine.sketch_to_image(sketch, prompt, seed=seed, control_strength=control_strength)  # the default decoder
 
-    def generate(canvas, prompt: str, template: str, control_strength: float, seed: float):
-        seed = int(seed or 0)
+    def generate(canvas, prompt, template, control_strength, seed):
         try:
-            sketch = prepare_sketch(canvas)
-        except (ValueError, OSError) as err:
-            raise gr.Error(f"Could not read that sketch: {err}") from None
-        if sketch is None:
-            return blank_sketch(), None, EMPTY_MESSAGE
-        try:
-            result = run(sketch, apply_style(template or "{prompt}", prompt or ""), seed, float(control_strength))
+            seed = parse_seed(seed)
+            control_strength = parse_strength(control_strength)
+            template, notes = clean_text(template, "The style template")
+            prompt, prompt_notes = clean_text(prompt)
+            prompt = apply_style(template or "{prompt}", prompt)
+            notes += prompt_notes + ([] if prompt else [EMPTY_PROMPT_NOTE])
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        for warning in result.warnings:
-            gr.Warning(warning)
-        return result.images[0], result.sketch, status_line(result, engine, seed)
+        try:
+            sketch, sketch_notes = prepare_sketch_with_notes(read_canvas(canvas), sketch_size(engine))
+        except Exception as err:  # a damaged or oversized upload; ValueErrors say which
+            raise gr.Error(f"Could not read that sketch: {err if isinstance(err, ValueError) else type(err).__name__}") from None
+        notes += sketch_notes
+        if sketch is None:
+            return blank_sketch(), None, "\n\n".join([EMPTY_MESSAGE, *(f"Note: {note}" for note in sketch_notes)])
+        try:
+            result = run(sketch, prompt, seed, control_strength)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        except Exception as err:  # a bug or a broken model: log it, keep the server up
+            log.exception("generation failed")
+            raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None
+        notes += result.warnings
+        for note in notes:
+            gr.Warning(note)
+        return result.images[0], result.sketch, status_line(result, engine, seed, notes)
 
     return generate
 
 
 def build_demo(engine: SDXSEngine) -> gr.Blocks:
-    generate = make_generate(engine)
     with gr.Blocks(title="SDXS sketch-to-image") as demo:
         gr.Markdown(
             f"# SDXS sketch-to-image, live\nModel: **{display_name(engine)}** on {engine.device.type}. "
@@ -81,23 +124,30 @@ def build_demo(engine: SDXSEngine) -> gr.Blocks:
                     template = gr.Textbox(STYLES[DEFAULT_STYLE], label="Style template ({prompt} is replaced)", max_lines=2, scale=2)
                 strength = gr.Slider(0, 1, value=0.8, step=0.01, label="Control strength", info="How closely the image follows the sketch")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, minimum=0, maximum=MAX_SEED, precision=0, scale=3)
+                    seed = gr.Number(label="Seed", value=0, info=f"A whole number from 0 to {MAX_SEED}", scale=3)
                     dice = gr.Button("Random seed", scale=1)
             with gr.Column():
-                output = gr.Image(label="Output", type="pil", format="png", height=560, buttons=["download"], elem_id="output")
-                status = gr.Markdown(EMPTY_MESSAGE, elem_id="status")
-                seen = gr.Image(label="Sketch as the ControlNet sees it", type="pil", format="png", height=256, buttons=["download"])
+                output = gr.Image(label="Image", type="pil", format="png", height=560, buttons=["download"], elem_id="output")
+                status = gr.Markdown(EMPTY_MESSAGE, label="Status", elem_id="status")
+                seen = gr.Image(label="Sketch as seen", type="pil", format="png", height=256, buttons=["download"])
 
         inputs = [canvas, prompt, template, strength, seed]
         outputs = [output, seen, status]
         # Only the latest state matters: while one image is being made, further strokes collapse
-        # into one pending update (trigger_mode="always_last"), and one runs at a time.
-        live = dict(fn=generate, inputs=inputs, outputs=outputs, trigger_mode="always_last", concurrency_limit=1, concurrency_id="sketch")
+        # into one pending update (trigger_mode="always_last"), and one runs at a time (one
+        # concurrency group for every trigger). Raw values go to `generate`, which checks them.
+        live = dict(
+            fn=make_generate(engine, canvas), inputs=inputs, outputs=outputs, preprocess=False,
+            trigger_mode="always_last", concurrency_limit=1, concurrency_id="sketch",
+        )
         # `input` fires on every stroke, erase, undo and upload (`change` skips the first stroke).
         triggers = [canvas.input, canvas.upload, canvas.clear, prompt.submit, template.submit, strength.release, seed.submit]
-        gr.on(triggers, api_name="sketch", show_progress="minimal", **live)
-        style.change(lambda name: STYLES[name], inputs=style, outputs=template, api_visibility="private").then(show_progress="hidden", **live)
-        dice.click(lambda: random.randint(0, MAX_SEED), outputs=seed, api_visibility="private").then(show_progress="hidden", **live)
+        gr.on(triggers, api_name="sketch", show_progress="minimal", **live)  # the one API endpoint: /sketch
+        # A new style or seed re-runs the same function; not separate endpoints.
+        style.change(lambda name: STYLES.get(name, STYLES[DEFAULT_STYLE]), inputs=style, outputs=template, api_visibility="private").then(
+            show_progress="hidden", api_visibility="private", **live
+        )
+        dice.click(random_seed, outputs=seed, api_visibility="private").then(show_progress="hidden", api_visibility="private", **live)
     return demo
 
 
@@ -110,11 +160,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure_console()
     engine = load_engine_or_exit(args, base=args.base)
     if engine.components.controlnet is None:
         print(f"error: '{args.model}' has no ControlNet; use {SKETCH_MODEL} or a folder with controlnet/.", file=sys.stderr)
         return 2
-    build_demo(engine).queue(max_size=16).launch(server_name=args.host, server_port=args.port, share=args.share)
+    launch(build_demo(engine), args, max_queue=16)
     return 0
 
 

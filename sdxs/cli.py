@@ -1,28 +1,36 @@
-"""Command line: `python -m sdxs {generate,arch,make-tiny} ...` (see --help of each)."""
+"""Command line: `sdxs {generate,arch,make-tiny} ...` or `python -m sdxs ...` (see --help of each).
+
+Every bad argument ends with one `error: ...` line that says what to change, and exit code 2;
+the model is loaded only after the arguments, the sketch file and the output path were checked."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 from pathlib import Path
 
-from sdxs.engine import BACKENDS
+from PIL import Image
+
+from sdxs.engine import BACKENDS, MAX_IMAGES
 from sdxs.registry import DEFAULT_MODEL, MODELS, SKETCH_MODEL
+from sdxs.validation import MAX_SEED, clean_prompt, open_image, parse_count, parse_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
-def _quiet_libraries() -> None:
-    """Keep library chatter (config notices, load bars) off the terminal; our own warnings stay."""
-    import diffusers
-    import transformers
+def _argument(parse):
+    """An argparse `type` from a validation function, keeping its message."""
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def output_paths(out: str, n: int, seeds: list[int]) -> list[Path]:
@@ -35,24 +43,72 @@ def output_paths(out: str, n: int, seeds: list[int]) -> list[Path]:
     return [out_path / f"seed-{seed}.png" for seed in seeds]
 
 
+def check_output(out: str) -> None:
+    """Refuse, before a model is loaded, an --out that cannot be written. Missing folders are
+    fine: they are created."""
+    path = Path(out)
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        if path.is_dir():
+            raise ValueError(f"--out '{out}' is an existing folder; give a file name (e.g. {path / 'image.png'}) or the folder without an image suffix.")
+        folder = path.parent
+    else:
+        if suffix in Image.registered_extensions():
+            raise ValueError(f"--out '{out}': {suffix} is not written here; use {', '.join(sorted(IMAGE_SUFFIXES))}, or a folder name.")
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out '{out}' is an existing file, not a folder; give FILE.png or a folder for seed-S.png files.")
+        folder = path
+    existing = next(p for p in [folder.absolute(), *folder.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out '{out}': cannot make a folder inside '{existing}', which is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out '{out}': no permission to write in '{existing}'; choose another place.")
+
+
+def save_images(images, paths: list[Path]) -> None:
+    for image, path in zip(images, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        except OSError as err:  # full disk, read-only file system, a race with another program
+            raise ValueError(f"Could not write '{path}': {err.strerror or err}.") from None
+        print(path)
+
+
+def read_sketch(path: str):
+    """The sketch file, opened under the upload limits and checked for strokes before any model is
+    loaded (notes, e.g. which frame of an animation, go to stderr); the engine prepares it."""
+    from sdxs.sketch import prepare_sketch_with_notes
+
+    image = open_image(path)
+    sketch, notes = prepare_sketch_with_notes(image)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if sketch is None:
+        raise ValueError(f"The sketch '{path}' has no strokes (it is blank paper); draw dark lines on white, or light lines on black.")
+    return image
+
+
 def cmd_generate(args) -> int:
     from sdxs.engine import SDXSEngine
 
-    _quiet_libraries()
+    prompt, notes = clean_prompt(args.prompt)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.sketch and (args.width or args.height):
+        raise ValueError("--width and --height do not apply to --sketch: sketch mode makes images at the model's native size.")
+    check_output(args.out)
+    sketch = read_sketch(args.sketch) if args.sketch else None
     model = args.model or (SKETCH_MODEL if args.sketch else DEFAULT_MODEL)
     engine = SDXSEngine.from_pretrained(model, device=args.device, dtype=args.dtype, base=args.base, backend=args.backend)
+    # decoder None: the model's fastest; width/height None: its native size.
     common = dict(seed=args.seed, num_images=args.n, decoder=args.decoder, num_inference_steps=args.steps, guidance_scale=args.guidance)
-    if args.sketch:
-        if not Path(args.sketch).is_file():
-            raise ValueError(f"Sketch file '{args.sketch}' does not exist.")
-        result = engine.sketch_to_image(args.sketch, args.prompt, control_strength=args.control_strength, **common)
+    if sketch is not None:
+        result = engine.sketch_to_image(sketch, prompt, control_strength=args.control_strength, **common)
     else:
-        result = engine.text_to_image(args.prompt, width=args.width, height=args.height, **common)
+        result = engine.text_to_image(prompt, width=args.width, height=args.height, **common)
     paths = output_paths(args.out, len(result.images), result.seeds)
-    for image, path in zip(result.images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(path)
+    save_images(result.images, paths)
     timings = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items())
     print(f"{len(paths)} image(s) from {engine.name} on {engine.device} ({timings})", file=sys.stderr)
     return 0
@@ -73,29 +129,28 @@ def cmd_arch(args) -> int:
 def cmd_make_tiny(args) -> int:
     from sdxs.build import make_tiny
 
-    _quiet_libraries()
     path = make_tiny(args.dir, seed=args.seed)
     print(f"Tiny random model written to {path}; try: python -m sdxs generate --model {path} --prompt cat --out cat.png")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sdxs", description="SDXS one-step text-to-image.")
+    parser = argparse.ArgumentParser(prog="sdxs", description="SDXS one-step text-to-image (also: python -m sdxs).")
     sub = parser.add_subparsers(dest="command", required=True)
     known = ", ".join(MODELS)
 
     gen = sub.add_parser("generate", help="generate images in one step", description="Generate images in one step.")
     gen.add_argument("--model", default=None, help=f"hub id or local diffusers folder (default {DEFAULT_MODEL}, or {SKETCH_MODEL} with --sketch; known: {known})")
     gen.add_argument("--base", default=None, help="base pipeline for a LoRA or bare ControlNet folder (default: the registry's or the adapter's own)")
-    gen.add_argument("--prompt", required=True, help="text prompt (longer than 77 CLIP tokens is truncated, with a warning)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
-    gen.add_argument("--n", type=int, default=1, help="number of images, generated in one batch (default 1)")
-    gen.add_argument("--out", default="sdxs.png", help="output FILE.png, or a folder for seed-S.png files (default sdxs.png)")
+    gen.add_argument("--prompt", required=True, help="text prompt (longer than 77 CLIP tokens is truncated, with a warning; empty is allowed, with a note)")
+    gen.add_argument("--seed", type=_argument(parse_seed), default=0, help=f"seed of the first image, 0..{MAX_SEED}; image i uses seed+i (default 0)")
+    gen.add_argument("--n", type=_argument(lambda text: parse_count(text, "--n", MAX_IMAGES)), default=1, help=f"number of images, 1..{MAX_IMAGES}, generated in one batch (default 1)")
+    gen.add_argument("--out", default="sdxs.png", help="output FILE.png (.jpg, .webp), or a folder for seed-S.png files; missing folders are created (default sdxs.png)")
     gen.add_argument("--sketch", default=None, metavar="FILE", help="sketch image (dark strokes on white, any size): sketch-to-image through the ControlNet")
     gen.add_argument("--control-strength", type=float, default=0.8, help="how closely to follow the sketch, 0..1 (default 0.8)")
-    gen.add_argument("--decoder", default="tiny", choices=["tiny", "large"], help="tiny TAESD (fast) or large SD VAE (quality)")
-    gen.add_argument("--width", type=int, default=512, help="multiple of 8; SDXS is trained at 512 (default 512)")
-    gen.add_argument("--height", type=int, default=512, help="multiple of 8; SDXS is trained at 512 (default 512)")
+    gen.add_argument("--decoder", default=None, choices=["tiny", "large"], help="tiny TAESD (fast) or large SD VAE (quality); default: tiny when the model has it")
+    gen.add_argument("--width", type=int, default=None, help="multiple of 8; default: the size the model was trained at (512 for SDXS-512)")
+    gen.add_argument("--height", type=int, default=None, help="multiple of 8; default: the size the model was trained at (512 for SDXS-512)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda if available, else cpu)")
     gen.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
     gen.add_argument("--backend", default="auto", choices=list(BACKENDS), help="auto: OpenVINO on a CPU when installed, else PyTorch")
@@ -117,11 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from sdxs.loading import ModelNotFoundError
+    from sdxs.webapp import configure_console
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    configure_console()
     try:
         return args.func(args)
-    except (ModelNotFoundError, ValueError, FileExistsError) as err:
+    except (ModelNotFoundError, ValueError, OSError) as err:  # OSError: FileExistsError of make-tiny, unreadable files
         print(f"error: {err}", file=sys.stderr)
         return 2

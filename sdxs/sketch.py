@@ -34,6 +34,8 @@ def _to_pil(value) -> Image.Image | None:
             parts = [p for p in [value.get("background"), *(value.get("layers") or [])] if p is not None]
             if not parts:
                 return None
+            if len(parts) == 1:  # an upload alone: as it is (an animation keeps its frames)
+                return _to_pil(parts[0])
             images = [_to_pil(p) for p in parts]
             composite = Image.new("RGBA", images[0].size, (255, 255, 255, 0))
             for image in images:

@@ -1,18 +1,24 @@
-"""What the two Gradio front-ends (app.py, demo_sketch.py) share: flags, start-up, the ZeroGPU
-decorator, and the status line. No Gradio here, so it is cheap to import and test."""
+"""What the two Gradio front-ends (app.py, demo_sketch.py) share: flags, start-up (quiet libraries,
+progress lines, loading), launching, the ZeroGPU decorator, and the status line. No Gradio import
+here, so it is cheap to import and test; the CLI uses the start-up part too."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from sdxs.engine import BACKENDS, Generation, SDXSEngine
 from sdxs.loading import ModelNotFoundError
 from sdxs.registry import MODELS
+from sdxs.validation import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
 
-MAX_SEED = 2**31 - 1
+log = logging.getLogger(__name__)
+# Libraries whose own warnings (deprecations, tracing notes) are not a user's business; ours stay.
+NOISY_LIBRARIES = r"(torch|transformers|diffusers|huggingface_hub|accelerate|peft|openvino|nncf|gradio|gradio_client|PIL)(\.|$)"
 
 try:  # ZeroGPU on Hugging Face Spaces; elsewhere `spaces.GPU` returns the function unchanged
     import spaces
@@ -35,18 +41,65 @@ def add_common_flags(parser: argparse.ArgumentParser, default_model: str) -> arg
     return parser
 
 
+class _ConsoleFormat(logging.Formatter):
+    """Progress lines as they are; warnings and errors with their level in front."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def configure_console() -> None:
+    """Start-up output for people: the "sdxs" logger's progress lines (INFO) and warnings on
+    stderr; library chatter (TracerWarnings, config notices, load bars, deprecations) off."""
+    import diffusers
+    import huggingface_hub
+    import torch
+    import transformers
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ConsoleFormat("%(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])  # no-op when the host app configured logging
+    logging.getLogger("sdxs").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # OpenVINO traces the networks once
+    warnings.filterwarnings("ignore", module=NOISY_LIBRARIES)
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+
+
 def load_engine_or_exit(args, **kwargs) -> SDXSEngine:
     """Load once at start-up (and warm up, so tracing/compiling is not a visitor's wait); on
     failure print one actionable message (no traceback) and exit 2."""
     try:
         engine = SDXSEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **kwargs)
-    except (ModelNotFoundError, ValueError) as err:
+    except (ModelNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if engine.backend != "torch":
-        print(f"Preparing the {engine.backend} backend (first start of a model converts it; later starts reuse the cache)...", file=sys.stderr)
-        print(f"Ready in {engine.warm_up():.1f} s.", file=sys.stderr)
+        engine.warm_up()  # logs its progress
     return engine
+
+
+def launch(demo, args, *, max_queue: int) -> None:
+    """Serve `demo` (a gr.Blocks) as the flags say: loopback unless --host, uploads capped at
+    MAX_UPLOAD_BYTES by Gradio itself, and one line saying where it runs and who can reach it."""
+    from PIL import Image
+
+    # Anywhere in this server (Gradio's own decoding too) PIL then refuses images over twice this;
+    # files the apps open themselves are held to it exactly (sdxs.validation.open_image).
+    Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
+    demo.queue(max_size=max_queue).launch(
+        server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
+        quiet=True, prevent_thread_lock=True,
+    )
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    log.info("Running on %s (%s).", demo.local_url, "this machine only" if loopback else f"bound to {args.host}: other machines can reach it")
+    if demo.share_url:
+        log.info("Public share link (anyone with it can use the app for up to a week): %s", demo.share_url)
+    demo.block_thread()
 
 
 def display_name(engine: SDXSEngine) -> str:
@@ -56,10 +109,18 @@ def display_name(engine: SDXSEngine) -> str:
     return Path(engine.name).name or engine.name
 
 
-def status_line(result: Generation, engine: SDXSEngine, seed: int) -> str:
+def sketch_size(engine: SDXSEngine) -> int:
+    """The side of the control image the engine's ControlNet reads (512 for SDXS-512-Sketch)."""
+    return engine.native_size // engine.vae_scale_factor * engine.geometry.control_scale_factor
+
+
+def status_line(result: Generation, engine: SDXSEngine, seed: int, notes: list[str] = ()) -> str:
+    """One line of what was made and how long each stage took, then the notes (what was changed in
+    the request, engine warnings), one per line: the API's callers read them here too."""
     t = result.timings
-    return (
+    line = (
         f"{len(result.images)} image(s) in **{t['total'] * 1000:.0f} ms** "
         f"(text encoder {t['text_encoder'] * 1000:.0f} ms, U-Net {t['unet'] * 1000:.0f} ms, "
         f"decoder {t['decoder'] * 1000:.0f} ms) · seed {seed} · {display_name(engine)} on {engine.device.type}"
     )
+    return "\n\n".join([line, *(f"Note: {note}" for note in notes)])

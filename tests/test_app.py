@@ -1,12 +1,17 @@
 """The Gradio app's handlers, called directly, and its start-up error."""
 
+import logging
 import subprocess
 import sys
 
 import gradio as gr
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT, offline_env
+from sdxs.validation import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
+from test_validation import any_value
 
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
@@ -61,3 +66,116 @@ def test_load_engines_adds_a_lora_variant_and_survives_a_missing_one(tiny_model_
     assert len(engines) == 2
     engines = app.load_engines(app.parse_args(["--model", str(tiny_model_dir), "--lora", "/no/such/lora", "--device", "cpu", "--backend", "torch"]))
     assert len(engines) == 1 and "not loaded" in capsys.readouterr().err
+
+
+# --- bad input: every value checked by the app's own code, with a message; the server keeps serving
+
+class FakeEngine:
+    """Records what reaches the engine; a 64 px model with only the large decoder."""
+
+    def __init__(self, decoders=("large",), native_size=64):
+        import torch
+
+        self.decoders, self.default_decoder, self.native_size = list(decoders), decoders[0], native_size
+        self.name, self.device, self.dtype, self.calls = "fake-64px", torch.device("cpu"), torch.float32, []
+
+    def text_to_image(self, prompt, *, seed, num_images, decoder, width=None, height=None):
+        from PIL import Image
+
+        from sdxs import Generation
+
+        self.calls.append(dict(prompt=prompt, seed=seed, num_images=num_images, decoder=decoder, width=width, height=height))
+        if decoder not in self.decoders:
+            raise ValueError(f"Unknown decoder '{decoder}'; this model has: {', '.join(self.decoders)}.")
+        size = width or self.native_size
+        timings = dict(text_encoder=0.001, unet=0.002, decoder=0.003, total=0.006)
+        return Generation([Image.new("RGB", (size, size))] * num_images, [seed + i for i in range(num_images)], [prompt] * num_images, [], timings)
+
+
+@pytest.mark.parametrize(
+    "seed, randomize, num_images, message",
+    [
+        (2**64, False, 1, "Seed must be a whole number from 0 to 4294967295; got 18446744073709551616"),
+        (None, False, 1, "Seed is empty"),
+        ("", False, 1, "Seed is empty"),
+        (1.5, False, 1, "got 1.5"),
+        ("abc", False, 1, "got 'abc'"),
+        (-1, False, 1, "got -1"),
+        (0, True, 0, "Number of images must be a whole number from 1 to 4; got 0"),
+        (0, True, 1000, "got 1000"),
+        (0, True, 1.5, "got 1.5"),
+        (0, True, None, "Number of images is empty"),
+    ],
+)
+def test_bad_values_become_clear_messages(seed, randomize, num_images, message):
+    engine = FakeEngine()
+    generate = app.make_generate({"Fake": engine})
+    with pytest.raises(gr.Error) as err:
+        generate("a cat", seed, randomize, num_images, "large")
+    assert message in err.value.message
+    assert engine.calls == []  # refused before the engine
+    images, seed, _ = generate("a cat", 3, False, 1, "large")  # and the next request is served
+    assert len(images) == 1 and seed == 3
+
+
+def test_empty_and_huge_prompts_are_noted_and_the_huge_one_cut_before_the_engine():
+    engine = FakeEngine()
+    generate = app.make_generate({"Fake": engine})
+    _, _, status = generate("   \n ", 1, False, 1, "large")
+    assert engine.calls[-1]["prompt"] == "" and "Note: The prompt is empty" in status
+    _, _, status = generate("a cat\x00 " * 2_000_000, 1, False, 1, "large")  # 14 MB
+    assert len(engine.calls[-1]["prompt"]) <= 1000 and "14,000,000 characters" in status
+
+
+def test_a_broken_engine_is_a_message_not_a_dead_server():
+    engine = FakeEngine()
+    engine.text_to_image = lambda *a, **k: 1 / 0
+    with pytest.raises(gr.Error, match="Generation failed on the server \\(ZeroDivisionError\\); the app is still running"):
+        app.make_generate({"Fake": engine})("a cat", 1, False, 1, "large")
+
+
+@settings(max_examples=150, deadline=None)
+@given(prompt=st.one_of(st.none(), st.text(max_size=50)), seed=any_value, randomize=st.booleans(), num_images=any_value, style=any_value)
+def test_any_request_is_generated_valid_or_refused_with_a_message(prompt, seed, randomize, num_images, style):
+    engine = FakeEngine()
+    try:
+        images, used_seed, status = app.make_generate({"Fake": engine})(prompt, seed, randomize, num_images, "large", style)
+    except gr.Error as err:
+        assert err.message and engine.calls == []
+        return
+    call = engine.calls[-1]
+    assert 0 <= call["seed"] <= app.MAX_SEED and call["seed"] == used_seed and (randomize or used_seed == float(seed))
+    assert 1 <= call["num_images"] <= app.MAX_IMAGES == 4 and len(images) == call["num_images"]
+    assert isinstance(call["prompt"], str) and f"seed {used_seed}" in status
+
+
+def test_defaults_follow_the_model_decoder_and_size():
+    engine = FakeEngine(decoders=("large",), native_size=64)
+    demo = app.build_demo({"Fake": engine})
+    decoder = next(b for b in demo.blocks.values() if isinstance(b, gr.Radio) and b.label == "Image decoder")
+    assert decoder.value == "large" and decoder.choices == [("Large (SD VAE, quality)", "large")]
+    images, _, _ = app.make_generate({"Fake": engine})("a cat", 1, False, 1, "large")
+    assert images[0].size == (64, 64) and engine.calls[-1]["width"] is None  # the engine's native size
+
+
+def test_the_api_is_one_named_endpoint_with_labelled_outputs(tiny_engine):
+    api = app.build_demo(tiny_engine).get_api_info()
+    assert list(api["named_endpoints"]) == ["/generate"]
+    endpoint = api["named_endpoints"]["/generate"]
+    assert [p["label"] for p in endpoint["returns"]] == ["Images", "Seed", "Status"]
+    assert [p["parameter_name"] for p in endpoint["parameters"]] == ["prompt", "seed", "randomize_seed", "num_images", "decoder", "style"]
+
+
+def test_main_binds_loopback_caps_uploads_and_logs_progress(tiny_model_dir, monkeypatch, caplog):
+    from PIL import Image
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # launch() lowers it; restored after
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    caplog.set_level(logging.INFO, logger="sdxs")
+    assert app.main(["--model", str(tiny_model_dir), "--backend", "torch", "--port", "7999"]) == 0
+    assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999 and launched["share"] is False
+    assert launched["max_file_size"] == MAX_UPLOAD_BYTES and Image.MAX_IMAGE_PIXELS == MAX_UPLOAD_PIXELS
+    assert "Loading" in caplog.text and "this machine only" in caplog.text

@@ -1,7 +1,9 @@
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image, ImageDraw
 
 from conftest import offline_env
@@ -58,3 +60,110 @@ def test_generate_from_a_sketch(tiny_model_dir, tmp_path, capsys):
 def test_arch_json_counts_the_sketch_controlnet(capsys):
     assert main(["arch", "--model", "IDKiro/sdxs-512-dreamshaper-sketch", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["controlnet"] == 186551440
+
+
+# --- bad input: one `error:` line that says what to change, exit code 2, no traceback -------------
+
+def generate_args(model, *extra):
+    return ["generate", "--backend", "torch", "--model", str(model), "--prompt", "cat", *extra]
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--seed", "18446744073709551616", "Seed must be a whole number from 0 to 4294967295; got 18446744073709551616"),
+        ("--seed", "-1", "got -1"),
+        ("--seed", "1.5", "got '1.5'"),
+        ("--seed", "abc", "got 'abc'"),
+        ("--n", "0", "--n must be a whole number from 1 to 16; got 0"),
+        ("--n", "1000", "got 1000"),
+        ("--n", "2.5", "got '2.5'"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_parser(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", "never-loaded", "--prompt", "cat", flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_refused_before_loading_the_model(tmp_path, capsys):
+    (tmp_path / "taken.png").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (tmp_path / "taken.png", "is an existing folder; give a file name"),
+        (tmp_path / "a-file", "is an existing file, not a folder"),
+        (tmp_path / "a-file" / "sub" / "cat.png", "which is a file"),
+        (tmp_path / "cat.gif", ".gif is not written here"),
+    ]
+    for out, message in cases:  # the model does not exist: the output is checked first
+        assert main(generate_args(tmp_path / "no-model", "--out", str(out))) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_a_failed_write_is_an_error_line_and_missing_folders_are_made(tiny_model_dir, tmp_path, capsys):
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc, where nothing can be created")
+    assert main(generate_args(tiny_model_dir, "--out", "/proc/sdxs-test/cat.png")) == 2
+    err = capsys.readouterr().err
+    assert "Could not write '/proc/sdxs-test/cat.png'" in err
+    assert main(generate_args(tiny_model_dir, "--out", str(tmp_path / "new" / "folder" / "cat.png"))) == 0
+    assert (tmp_path / "new" / "folder" / "cat.png").is_file()
+
+
+def test_bad_sketch_files_are_error_lines(tiny_model_dir, tmp_path, capsys):
+    from test_validation import png_bytes, write_animation
+
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (tmp_path / "bomb.png").write_bytes(png_bytes(20000, 20000))
+    Image.new("RGB", (300, 200), "white").save(tmp_path / "blank.png")
+    for name, message in [("corrupt.png", "is not an image"), ("bomb.png", "pixels"), ("blank.png", "has no strokes")]:
+        assert main(generate_args(tiny_model_dir, "--sketch", str(tmp_path / name), "--out", str(tmp_path / "o.png"))) == 2
+        err = capsys.readouterr().err
+        assert f"error: " in err and message in err, err
+    gif = write_animation(tmp_path / "blank-first.gif", frames_with_ink={2})
+    assert main(generate_args(tiny_model_dir, "--sketch", str(gif), "--out", str(tmp_path / "gif.png"))) == 0
+    assert "note: Animated image: used frame 3 of 4" in capsys.readouterr().err
+
+
+def test_empty_and_huge_prompts_get_a_note(tiny_model_dir, tmp_path, capsys):
+    assert main(["generate", "--backend", "torch", "--model", str(tiny_model_dir), "--prompt", " ", "--out", str(tmp_path / "e.png")]) == 0
+    assert "note: The prompt is empty" in capsys.readouterr().err
+    assert main(["generate", "--backend", "torch", "--model", str(tiny_model_dir), "--prompt", "cat " * 5000, "--out", str(tmp_path / "h.png")]) == 0
+    assert "note: The prompt has 20,000 characters; only the first 1,000" in capsys.readouterr().err
+
+
+def test_defaults_follow_the_model_decoder_and_size(tiny_model_dir, tmp_path):
+    import shutil
+
+    from sdxs import SDXSEngine
+
+    large_only = tmp_path / "large-only"
+    shutil.copytree(tiny_model_dir, large_only, ignore=shutil.ignore_patterns("vae"))
+    assert main(generate_args(large_only, "--out", str(tmp_path / "x.png"))) == 0  # no tiny decoder: large, no error
+    engine = SDXSEngine.from_pretrained(str(large_only), device="cpu", backend="torch")
+    expected = engine.text_to_image("cat", seed=0, decoder="large").images[0]
+    made = Image.open(tmp_path / "x.png")
+    assert made.size == (engine.native_size,) * 2 and made.tobytes() == expected.tobytes()
+
+
+def test_unknown_models_are_error_lines(tmp_path, capsys):
+    assert main(generate_args(tmp_path / "missing", "--out", str(tmp_path / "x.png"))) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_console_hides_library_noise_but_not_ours():
+    import warnings
+
+    import torch
+
+    from sdxs.webapp import configure_console
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        configure_console()
+        warnings.warn_explicit("traced", torch.jit.TracerWarning, "modeling_clip.py", 1, module="transformers.models.clip")
+        warnings.warn_explicit("deprecated", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("ours", UserWarning, "engine.py", 1, module="sdxs.engine")
+    assert [str(w.message) for w in seen] == ["ours"]
