@@ -62,8 +62,9 @@ def memory_shortfall(components) -> str | None:
 
     OpenVINO's CPU plugin keeps a repacked copy of every weight it compiles next to the original
     constants: measured here, the engine's peak grows by about the weights of the networks it
-    compiles at start-up (text encoder, U-Net, ControlNet, tiny decoder): 2.4 -> 3.9 GiB for SDXS-512."""
-    networks = [components.text_encoder, components.unet, components.controlnet, components.decoders.get("tiny")]
+    compiles at start-up (then text encoder, U-Net, ControlNet, tiny decoder: 2.4 -> 3.9 GiB for
+    SDXS-512). The warm-up now compiles every decoder, so the large one counts too."""
+    networks = [components.text_encoder, components.unet, components.controlnet, *components.decoders.values()]
     needed = sum(p.numel() * 4 for net in networks if net is not None for p in net.parameters())
     available = available_memory_bytes()
     if available is None or available >= needed:
