@@ -167,3 +167,17 @@ def test_console_hides_library_noise_but_not_ours():
         warnings.warn_explicit("deprecated", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
         warnings.warn_explicit("ours", UserWarning, "engine.py", 1, module="sdxs.engine")
     assert [str(w.message) for w in seen] == ["ours"]
+
+
+def test_pyproject_installs_the_package_and_the_sdxs_command():
+    import importlib
+    import tomllib
+
+    from conftest import ROOT
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "sdxs" and project["project"]["requires-python"] == ">=3.10"
+    assert project["tool"]["setuptools"]["packages"] == ["sdxs"]  # not train/ or tests/
+    assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
+    module, function = project["project"]["scripts"]["sdxs"].split(":")
+    assert getattr(importlib.import_module(module), function) is main
