@@ -221,6 +221,24 @@ def test_psi_samplers_start_at_999_from_the_students_noise(name, teacher):
     assert int(scheduler.timesteps[0]) == 999
 
 
+def test_the_pair_cache_holds_psi_of_each_pairs_own_noise(teacher, tmp_path, accelerator):
+    """--pairs cache: every cached pair is (eps_i, psi(eps_i)) of the SAME noise, eps_i depending only on
+    (seed, i) (any sharding builds one cache), psi as main() sets it up (Psi), batched or not."""
+    parts = common.load_teacher(str(teacher), CPU, torch.float32)
+    prompts = ["a photo of a cat", "a red bicycle", "a bowl of ramen"]
+    folder = stage.build_pair_cache(parts.unet, parts.tokenizer, parts.text_encoder, parts.scheduler_config, prompts, tmp_path / "pairs",
+                                    psi_scheduler="dpmsolver++", steps=2, guidance_scale=2.0, side=8, seed=3, batch_size=2,
+                                    accelerator=accelerator)
+    psi = stage.Psi(parts.unet, "dpmsolver++", parts.scheduler_config, 2, 2.0,
+                    common.encode_prompts(parts.tokenizer, parts.text_encoder, [""]))
+    items = list(stage.Pairs(folder=folder))
+    assert [item["prompt"] for item in items] == prompts
+    for i, item in enumerate(items):
+        assert torch.equal(item["noise"], stage.pair_noise((1, 4, 8, 8), 3, i)[0])
+        cond = common.encode_prompts(parts.tokenizer, parts.text_encoder, [prompts[i]])
+        assert torch.allclose(item["latents"], psi(item["noise"][None], cond)[0], atol=1e-4), i
+
+
 # --- the step functions main() runs: online_update, student_update (Alg. 1, Eqs. 10-12) ----------------
 
 

@@ -24,8 +24,11 @@ call at t=999, exactly the update the `sdxs` engine runs):
    offline (frozen teacher) U-Net, learns the student's output distribution with the standard denoising
    loss (--online_updates_per_step updates per student update: Diff-Instruct 1, DMD2 10). Each student
    sample draws a t; for t <= alpha*T it gets the gradient w(t) * (s_online(x_t) - s_offline(x_t)) through
-   x_t (a surrogate loss), for t > alpha*T the gradient lambda_FM * dL_FM. alpha and lambda_FM decrease
-   linearly from --alpha_start / --lambda_fm_start to --alpha_end / --lambda_fm_end.
+   x_t (a surrogate loss) as G(z) of FRESH noise z (DMD2; the cached pairs serve FM), for t > alpha*T the
+   gradient lambda_FM * dL_FM of its pair. alpha and lambda_FM decrease linearly from --alpha_start /
+   --lambda_fm_start to --alpha_end / --lambda_fm_end.
+Refused up front: a teacher whose scheduler does not predict epsilon. A NaN/inf loss or gradient norm of
+either trained model stops the run before the update (common.FiniteGuard; --skip_nonfinite N skips N).
 Not implemented: the paper's optional last phase (a short GAN finetune through a very-low-rank LoRA).
 Output: OUTPUT_DIR/final, a pipeline folder in the released SDXS layout that `sdxs` runs in one step at
 t=999 (the student's unet/; text encoder, tokenizer and decoders of the --student folder).
@@ -655,8 +658,8 @@ def student_loss(models: Models, s: StepSettings, batch: MicroBatch, phase: Phas
     """The student's loss on one micro-batch (Eq. 12): every sample draws t ~ U[t_range]; where t > alpha*T
     (every sample in the warm-up) it gets lambda_FM * L_FM (Eq. 10) between G(eps) and psi(eps) of the
     SAME noise eps; where t <= alpha*T, the score-distillation term of Eq. 11 on G(z) of fresh noise z (see
-    below). Both are summed per sample
-    and averaged over the batch. Returns (loss, terms for the log, what each sample was fed)."""
+    below). Both are summed per sample and averaged over the batch. Returns (loss, terms for the log, what
+    each sample was fed: its input noise z, the noise n of x_t, t, and whether it fell in the score segment)."""
     device = batch.noise.device
     n = torch.randn(batch.noise.shape, generator=gen).to(device)  # the noise of x_t (Eq. 11)
     t = draw_timesteps(len(n), s, gen, device)
