@@ -242,17 +242,21 @@ def test_teacher_skips_bad_records_and_refuses_a_mostly_bad_folder(smoke_args, t
 
 def test_teacher_resume_refuses_changed_settings_of_any_phase(tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_stage(teacher, out, "--stop_after_step", "2", "--stop_phase", "clip") == 0  # vae finished, clip at step 2
-    with pytest.raises(SystemExit, match="clip_batch_size: 8 -> 4"):
-        run_stage(teacher, out, "--resume", "latest", "--clip_batch_size", "4")
-    with pytest.raises(SystemExit, match="vae_lr: 0.001 -> 0.002"):  # a finished phase's settings too
+    # vae finished, clip killed at step 1 before its first checkpoint: only the run's config.json can tell
+    assert run_stage(teacher, out, "--stop_after_step", "1", "--stop_phase", "clip") == 0
+    assert not (out / "clip" / "checkpoints").exists()
+    with pytest.raises(SystemExit, match="vae_lr: 0.001 -> 0.002"):  # a finished phase's settings
         run_stage(teacher, out, "--resume", "latest", "--vae_lr", "2e-3")
+    assert run_stage(teacher, out, "--resume", "latest", "--stop_after_step", "2", "--stop_phase", "clip") == 0  # checkpoint 2
     capsys.readouterr()
     assert run_stage(teacher, out, "--resume", "latest", "--clip_batch_size", "4", "--allow_changed", "clip_batch_size",
-                     "--clip_steps", "3", "--stop_after_step", "3", "--stop_phase", "clip") == 0  # *_steps may always change
+                     "--clip_steps", "3", "--stop_after_step", "3", "--stop_phase", "clip") == 0  # killed before checkpointing
     assert "[clip] resumed from" in capsys.readouterr().err
     recorded = (out / "resume_changes.log").read_text()
-    assert "clip_batch_size 8 -> 4" in recorded and "clip_steps" not in recorded
+    assert "clip_batch_size 8 -> 4" in recorded and "clip_steps" not in recorded  # *_steps may always change
+    # config.json now says 4, the newest clip checkpoint was trained with 8: the checkpoint's own check refuses
+    with pytest.raises(SystemExit, match=r"step-0000002.*\n.*clip_batch_size: 8 -> 4"):
+        run_stage(teacher, out, "--resume", "latest", "--clip_batch_size", "4")
 
 
 def test_unet_cache_is_rebuilt_when_what_it_was_built_from_changes(smoke_args, tokenizer, tmp_path):
