@@ -48,12 +48,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(script: Path, model: Path, log_path: Path, timeout: float = 180):
-    """Run `python SCRIPT --model MODEL --port P` and yield its URL once it answers."""
+def serve(script: Path, model: Path, log_path: Path, timeout: float = 180, args: tuple[str, ...] = ()):
+    """Run `python SCRIPT --model MODEL --port P [ARGS]` and yield its URL once it answers."""
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(script), "--model", str(model), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, str(script), "--model", str(model), "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}/"
         try:
             deadline = time.time() + timeout
