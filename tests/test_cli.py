@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -134,8 +135,6 @@ def test_empty_and_huge_prompts_get_a_note(tiny_model_dir, tmp_path, capsys):
 
 
 def test_defaults_follow_the_model_decoder_and_size(tiny_model_dir, tmp_path):
-    import shutil
-
     from sdxs import SDXSEngine
 
     large_only = tmp_path / "large-only"
@@ -181,3 +180,20 @@ def test_pyproject_installs_the_package_and_the_sdxs_command():
     assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
     module, function = project["project"]["scripts"]["sdxs"].split(":")
     assert getattr(importlib.import_module(module), function) is main
+
+
+def test_bad_sizes_and_decoders_are_error_lines(tiny_model_dir, tmp_path, capsys):
+    large_only = tmp_path / "large-only"
+    shutil.copytree(tiny_model_dir, large_only, ignore=shutil.ignore_patterns("vae"))
+    for extra, message in [
+        (["--width", "500"], "width must be a multiple of 32"),
+        (["--height", "4096"], "height must be a multiple of 32 between 32 and 2048"),
+        (["--width", "16"], "got 16"),
+        (["--decoder", "tiny"], "Unknown decoder 'tiny'; this model has: large"),
+    ]:
+        assert main(generate_args(large_only, *extra, "--out", str(tmp_path / "x.png"))) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit):
+        main(generate_args(large_only, "--width", "5.5"))
+    assert "invalid int value: '5.5'" in capsys.readouterr().err

@@ -132,3 +132,14 @@ def test_api_is_one_named_live_endpoint_that_drops_stale_strokes(tiny_engine):
     assert len(runs) == 3 and sum(len(fn.targets) for fn in runs) == 9
     assert all(fn.trigger_mode == "always_last" and fn.concurrency_limit == 1 and fn.concurrency_id == "sketch" for fn in runs)
     assert all(fn.preprocess is False for fn in runs)
+
+
+def test_a_model_without_controlnet_is_one_error_line(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "text-only", ignore=shutil.ignore_patterns("controlnet"))
+    assert demo_sketch.main(["--model", str(tmp_path / "text-only"), "--backend", "torch"]) == 2
+    assert "has no ControlNet; use IDKiro/sdxs-512-dreamshaper-sketch or a folder with controlnet/" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        demo_sketch.main(["--model", str(tmp_path / "missing"), "--backend", "torch"])
+    assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
