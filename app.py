@@ -82,11 +82,11 @@ def build_demo(engines: dict[str, SDXSEngine] | SDXSEngine) -> gr.Blocks:
             run_button = gr.Button("Run", variant="primary", scale=1, elem_id="run")
         gallery = gr.Gallery(label="Images", format="png", columns=2, height=560, object_fit="contain", buttons=["download", "fullscreen"], elem_id="gallery")
         status = gr.Markdown(label="Status", elem_id="status")
-        with gr.Accordion("Settings", open=False):
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
             style = gr.Radio(list(engines), value=next(iter(engines)), label="Model", visible=len(engines) > 1, elem_id="style")
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, info=f"A whole number from 0 to {MAX_SEED}")
-                randomize_seed = gr.Checkbox(label="Randomise seed", value=True)
+                seed = gr.Number(label="Seed", value=0, info=f"A whole number from 0 to {MAX_SEED}", elem_id="seed")
+                randomize_seed = gr.Checkbox(label="Randomise seed", value=True, elem_id="randomize")
             num_images = gr.Slider(label="Number of images", minimum=1, maximum=MAX_IMAGES, step=1, value=1)
             decoder = gr.Radio(
                 [(DECODER_LABELS.get(d, d), d) for d in first.decoders],

@@ -16,3 +16,13 @@ def test_app_shows_an_image_for_a_prompt(tiny_model_dir, tmp_path):
         assert "seed" in page.locator("#status").inner_text()
         assert image.evaluate("img => img.naturalWidth") == 512
         screenshot(page, "app.png", tmp_path)
+
+        # An emptied seed box with randomise off: the app's own message, then the next run works.
+        page.locator("#settings").get_by_text("Settings").first.click()
+        page.locator("#randomize input").uncheck()
+        page.locator("#seed input").fill("")
+        page.locator("#run").click()
+        page.get_by_text("Seed is empty").first.wait_for(timeout=30_000)
+        page.locator("#seed input").fill("7")
+        page.locator("#run").click()
+        page.locator("#status").get_by_text("seed 7").wait_for(timeout=60_000)
