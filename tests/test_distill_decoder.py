@@ -201,6 +201,81 @@ def test_lr_1e6_stops_at_the_first_non_finite_step_and_keeps_the_last_good_check
     assert all(torch.isfinite(v).all() for f in files for v in load_file(f).values())
 
 
+def test_a_non_finite_discriminator_loss_stops_naming_the_discriminator_and_its_lr_flag(teacher, cache_dir, tmp_path, monkeypatch):
+    discriminator_step, calls = stage.discriminator_step, []
+
+    def nan_at_second_call(disc, teacher_images, fake):  # D's loss turns NaN at step 3 (GAN on from step 2)
+        calls.append(1)
+        loss = discriminator_step(disc, teacher_images, fake)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(stage, "discriminator_step", nan_at_second_call)
+    out = tmp_path / "out"
+    with pytest.raises(common.NonFiniteLossError) as err:
+        run_stage(stage, out, "--gan_start_step", "1", "--checkpoint_every", "1", "--sample_every", "0", "--pipeline_base", "none",
+                  teacher=teacher, cache_dir=cache_dir)
+    message = str(err.value.code)
+    assert message.startswith("error: step 3: non-finite loss_d = nan") and "(discriminator)" in message and "--disc_lr" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    assert not (out / "final").exists()
+
+def small_image_folder(folder):
+    """Three 64 px images with captions and one file that is no image: 1 of 4 records unusable."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a {colour} square"})
+    (folder / "bad.png").write_bytes(b"not a png")
+    rows.append({"file_name": "bad.png", "text": "broken"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_model_and_data_flags_reach_main(teacher, tmp_path, capsys):
+    """--max_bad_fraction lets a folder with 25% bad records through (the default 5% refuses it), and a
+    missing --pipeline_base is reported under its own flag, before any work."""
+    folder = small_image_folder(tmp_path / "images")
+    assert run_stage(stage, tmp_path / "out", "--image_folder", str(folder), "--max_bad_fraction", "0.3", "--max_steps", "1",
+                     "--sample_every", "0", "--pipeline_base", "none", teacher=teacher) == 0
+    assert "data: skipped 1 of 4 records" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--pipeline_base") as err:
+        run_stage(stage, tmp_path / "out2", "--pipeline_base", str(tmp_path / "nowhere"), teacher=teacher)
+    assert "--model" not in str(err.value.code) and not (tmp_path / "out2" / "cache").exists()
+
+def test_guarded_update_skips_a_non_finite_gradient_norm_even_with_a_finite_loss(tmp_path, capsys):
+    """The update helper main() calls for decoder: gradients zeroed and weights untouched on a skip; the
+    gradient norm is checked, not only the loss."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator = common.make_accelerator(tmp_path, mixed_precision="no", grad_accum=1, report_to="none")
+    try:
+        linear = torch.nn.Linear(3, 1)
+        model, optimizer = accelerator.prepare(linear, torch.optim.SGD(linear.parameters(), lr=0.1))
+        guard = common.FiniteGuard(1, tmp_path)
+        update = lambda step: stage.guarded_update(accelerator, optimizer, model.parameters(), guard, step, {"loss": 0.5}, 1.0, "decoder")
+
+        before = [p.detach().clone() for p in model.parameters()]
+        model(torch.ones(1, 3)).sum().backward()
+        model.weight.grad[0, 0] = float("inf")
+        assert update(5) is False
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and all(p.grad is None for p in model.parameters())
+        assert "step 5: non-finite gradient norm = " in capsys.readouterr().err
+        model(torch.ones(1, 3)).sum().backward()
+        assert update(6) is True and not torch.equal(before[0], model.weight)  # a finite step is taken
+        model(torch.ones(1, 3)).sum().backward()
+        model.weight.grad[0, 0] = float("nan")
+        with pytest.raises(common.NonFiniteLossError, match=r"step 7: non-finite gradient norm = nan \(decoder\)"):
+            update(7)  # the one allowed skip is spent
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def test_smoke_command_writes_a_decoder_and_a_pipeline_sdxs_loads(tmp_path):
     """The acceptance command exactly as a user types it (builds its own tiny teacher), under 60 s."""
     out = tmp_path / "out"

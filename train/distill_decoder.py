@@ -77,10 +77,9 @@ def make_student_vae(*, channels: int, decoder_blocks: tuple[int, ...], encoder_
     from diffusers import AutoencoderTiny
 
     from sdxs import architectures as arch
-    from sdxs.loading import resolve_model_dir
 
     if init_from:
-        return AutoencoderTiny.from_pretrained(resolve_model_dir(init_from, subfolders_with_weights=("",)))
+        return AutoencoderTiny.from_pretrained(common.resolve_model(init_from, "--init_vae", subfolders_with_weights=("",)))
     return AutoencoderTiny(**dict(arch.TAESD, encoder_block_out_channels=(channels,) * len(encoder_blocks),
                                   decoder_block_out_channels=(channels,) * len(decoder_blocks),
                                   num_encoder_blocks=tuple(encoder_blocks), num_decoder_blocks=tuple(decoder_blocks)))
@@ -233,15 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     main_process = accelerator.is_main_process
 
     # --- data: teacher latents and the teacher decoder's images, cached once -------------------
-    from sdxs.loading import resolve_model_dir
-
     teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
-    teacher_root = resolve_model_dir(teacher_id, subfolders_with_weights=("unet", "text_encoder", "vae"))
+    teacher_root = common.resolve_model(teacher_id, "--teacher", subfolders_with_weights=("unet", "text_encoder", "vae"))
     # resolved now, to fail early rather than after training
     pipeline_base = (None if args.pipeline_base == "none" else teacher_root if args.pipeline_base == "teacher"
-                     else resolve_model_dir(args.pipeline_base, subfolders_with_weights=("unet", "text_encoder", "vae")))
+                     else common.resolve_model(args.pipeline_base, "--pipeline_base", subfolders_with_weights=("unet", "text_encoder", "vae")))
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, args.latents, args.num_samples,
-                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None)
+                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None, max_bad_fraction=args.max_bad_fraction)
     cache = common.cache_folder(args.cache_dir or output_dir / "cache", teacher_root, source, resolution=args.resolution,
                                 sampler_steps=args.sampler_steps, guidance_scale=args.guidance_scale, with_images=True, seed=args.seed)
     if not common.cache_is_complete(cache):
@@ -305,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         common.save_image_grid(rows, output_dir / "samples" / f"step-{step:07d}.png")
 
     # --- loop --------------------------------------------------------------------------------------
-    guard = common.FiniteGuard(args.skip_nonfinite, output_dir)
+    # one guard per optimizer: each may skip --skip_nonfinite updates, and each stop message names its LR flag
+    guard, disc_guard = common.FiniteGuard(args.skip_nonfinite, output_dir), common.FiniteGuard(args.skip_nonfinite, output_dir, "--disc_lr")
     tick, seen = time.perf_counter(), 0
     for step in range(start_step + 1, args.max_steps + 1):
         lambda_gan = gan_weight(step, args.lambda_gan, args.gan_start_step)
@@ -327,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                     accelerator.backward(loss_d)
                     add_mean(sums, {"loss_d": loss_d}, args.grad_accum)
                     if accelerator.sync_gradients:  # D's gradients are not clipped (max_grad_norm 0: the norm only)
-                        disc_updated = guarded_update(accelerator, disc_optimizer, disc.parameters(), guard, step,
+                        disc_updated = guarded_update(accelerator, disc_optimizer, disc.parameters(), disc_guard, step,
                                                       {"loss_d": sums["loss_d"]}, 0.0, "discriminator")
             seen += len(z) * accelerator.num_processes
         if decoder_updated:  # a skipped update (--skip_nonfinite) steps neither the schedule nor the EMA
