@@ -11,8 +11,9 @@ Resume a killed run: the same command plus `--resume latest`.
 
 What it does:
 1. Student architecture (derive_student_config), the SDXS recipe applied to an SD-1.x/SD-2.x-style
-   teacher config (others, e.g. SDXL, are refused up front: check_teacher_unet): drop the mid block, the last down stage and the first up stage, the transformers of the
-   highest-resolution stage, and one resnet per stage. SD-1.5 gives exactly the SDXS-512-DreamShaper
+   teacher config (others, e.g. SDXL, are refused up front: check_teacher_unet): drop the mid block,
+   the last down stage and the first up stage, the transformers of the highest-resolution stage, and
+   one resnet per stage. SD-1.5 gives exactly the SDXS-512-DreamShaper
    U-Net (315,746,244 parameters), SD-2.1-base 318.7 M (paper Table 3: 319 M).
 2. Student weights (init_student_from_teacher): every kept block is copied from the teacher with an
    explicit mapping (block_map), BK-SDM style: student down stage i <- teacher down stage i, keeping
@@ -377,11 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     # --- teacher, student, data ----------------------------------------------------------------------
     from diffusers import AutoencoderTiny, DDPMScheduler
 
-    from sdxs.loading import resolve_model_dir
-
-    tiny_dir = resolve_model_dir(args.tiny_decoder, subfolders_with_weights=("",)) if args.tiny_decoder else None  # fail early
+    tiny_dir = common.resolve_model(args.tiny_decoder, "--tiny_decoder", subfolders_with_weights=("",)) if args.tiny_decoder else None  # fail early
     teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
-    teacher_root = resolve_model_dir(teacher_id, subfolders_with_weights=("unet", "text_encoder", "vae"))
+    teacher_root = common.resolve_model(teacher_id, "--teacher", subfolders_with_weights=("unet", "text_encoder", "vae"))
     if (teacher_root / "unet" / "config.json").is_file():  # refuse an unsupported U-Net before loading it
         check_teacher_unet(json.loads((teacher_root / "unet" / "config.json").read_text()), f"Teacher '{teacher_id}'")
     teacher = common.load_teacher(teacher_id, device, torch.float32)  # fp32 first: the student copies exact weights
@@ -394,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher.unet.to(dtype)
     teacher.text_encoder.to(dtype)
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, args.latents, args.num_samples,
-                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None)
+                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None, max_bad_fraction=args.max_bad_fraction)
     cache = common.cache_folder(args.cache_dir or output_dir / "cache", teacher.root, source, resolution=args.resolution,
                                 sampler_steps=args.sampler_steps, guidance_scale=args.guidance_scale, with_images=False, seed=args.seed)
     common.build_latent_cache(teacher, source, cache, resolution=args.resolution, sampler_steps=args.sampler_steps,
