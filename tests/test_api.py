@@ -50,6 +50,10 @@ def test_text_to_image_example_runs_against_the_app(tiny_model_dir, tmp_path):
             client.predict("a cat", 2**64, False, 1, "tiny", api_name="/generate")
         _, seed, _ = client.predict("a cat", 5, False, 1, "tiny", api_name="/generate")  # still serving
         assert seed == 5
+    # Start-up said what it did and where it listens, without library noise.
+    log = (tmp_path / "app.log").read_text()
+    assert "Loaded" in log and f"Running on {url} (this machine only)" in log
+    assert not any(noise in log for noise in ("Loading weights", "TracerWarning", "FutureWarning", "config attributes"))
 
 
 def test_sketch_example_runs_against_the_app(tiny_model_dir, tmp_path):

@@ -26,3 +26,6 @@ def test_app_shows_an_image_for_a_prompt(tiny_model_dir, tmp_path):
         page.locator("#seed input").fill("7")
         page.locator("#run").click()
         page.locator("#status").get_by_text("seed 7").wait_for(timeout=60_000)
+    # The OpenVINO start-up (auto backend on a CPU): progress lines, no tracing noise.
+    log = (tmp_path / "app.log").read_text()
+    assert "Warm-up done" in log and "this machine only" in log and "TracerWarning" not in log

@@ -180,6 +180,7 @@ def test_pyproject_installs_the_package_and_the_sdxs_command():
     assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
     module, function = project["project"]["scripts"]["sdxs"].split(":")
     assert getattr(importlib.import_module(module), function) is main
+    assert project["project"]["version"] == importlib.import_module("sdxs").__version__
 
 
 def test_bad_sizes_and_decoders_are_error_lines(tiny_model_dir, tmp_path, capsys):
