@@ -242,6 +242,11 @@ MUTATIONS: list[Mutation] = [
              "            lr_schedules[0].step()\n            lr_schedules[0].step()\n",
              STAGE_A[:1],
              "stage A's decoder LR schedule stepped twice per step"),
+    Mutation("decoder_max_bad_fraction_ignored", "train/distill_decoder.py",
+             "common.SMOKE_PROMPTS if args.preset == \"smoke\" else None, max_bad_fraction=args.max_bad_fraction)",
+             "common.SMOKE_PROMPTS if args.preset == \"smoke\" else None)",
+             (f"{STAGE_A[0]}::test_model_and_data_flags_reach_main",),
+             "stage A ignores --max_bad_fraction (always the default 5%)"),
     # --- stage B (train/distill_unet.py) -------------------------------------------------------------
     Mutation("kd_lr_schedule_double_step", "train/distill_unet.py",
              "            lr_schedule.step()\n",
@@ -353,6 +358,11 @@ MUTATIONS: list[Mutation] = [
              "    if False:\n",
              (f"{STAGE_B[0]}::test_a_student_weight_without_a_same_shaped_teacher_weight_is_refused_not_initialised_fresh",),
              "a student weight whose teacher weight has another shape is silently left at its random init"),
+    Mutation("kd_max_bad_fraction_ignored", "train/distill_unet.py",
+             "common.SMOKE_PROMPTS if args.preset == \"smoke\" else None, max_bad_fraction=args.max_bad_fraction)",
+             "common.SMOKE_PROMPTS if args.preset == \"smoke\" else None)",
+             (f"{STAGE_B[0]}::test_model_and_data_flags_reach_main",),
+             "stage B ignores --max_bad_fraction (always the default 5%)"),
     # --- stage C (train/distill_one_step.py) ---------------------------------------------------------
     Mutation("swap_score_difference_args", "train/distill_one_step.py",
              "g = score_difference(eps_on, eps_off, s_t)",
