@@ -82,6 +82,8 @@ def make_generate(engine: SDXSEngine, canvas_component: gr.ImageEditor | None = 
             result = run(sketch, prompt, seed, control_strength)
         except ValueError as err:
             raise gr.Error(str(err)) from None
+        except gr.Error:  # already a message for the person (e.g. ZeroGPU's quota)
+            raise
         except Exception as err:  # a bug or a broken model: log it, keep the server up
             log.exception("generation failed")
             raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None

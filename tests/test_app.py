@@ -134,6 +134,17 @@ def test_a_broken_engine_is_a_message_not_a_dead_server():
         app.make_generate({"Fake": engine})("a cat", 1, False, 1, "large")
 
 
+def test_a_gradio_message_from_below_passes_unchanged():
+    def quota(*args, **kwargs):
+        raise gr.Error("You have exceeded your GPU quota")  # what ZeroGPU's decorator raises
+
+    engine = FakeEngine()
+    engine.text_to_image = quota
+    with pytest.raises(gr.Error) as err:
+        app.make_generate({"Fake": engine})("a cat", 1, False, 1, "large")
+    assert err.value.message == "You have exceeded your GPU quota"
+
+
 @settings(max_examples=150, deadline=None)
 @given(prompt=st.one_of(st.none(), st.text(max_size=50)), seed=any_value, randomize=st.booleans(), num_images=any_value, style=any_value)
 def test_any_request_is_generated_valid_or_refused_with_a_message(prompt, seed, randomize, num_images, style):
