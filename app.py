@@ -54,10 +54,10 @@ def make_generate(engines: dict[str, SDXSEngine] | SDXSEngine):
             seed = random_seed() if randomize_seed is True else parse_seed(seed)
             num_images = parse_count(num_images, "Number of images", MAX_IMAGES)
             result = run(style, prompt, seed, num_images, decoder)
+        except gr.Error:  # already a message for the person (e.g. ZeroGPU's quota); a ValueError too
+            raise
         except ValueError as err:  # bad input: say what to change
             raise gr.Error(str(err)) from None
-        except gr.Error:  # already a message for the person (e.g. ZeroGPU's quota)
-            raise
         except Exception as err:  # a bug or a broken model: log it, keep the server up
             log.exception("generation failed")
             raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None

@@ -80,10 +80,10 @@ def make_generate(engine: SDXSEngine, canvas_component: gr.ImageEditor | None = 
             return blank_sketch(), None, "\n\n".join([EMPTY_MESSAGE, *(f"Note: {note}" for note in sketch_notes)])
         try:
             result = run(sketch, prompt, seed, control_strength)
+        except gr.Error:  # already a message for the person (e.g. ZeroGPU's quota); a ValueError too
+            raise
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        except gr.Error:  # already a message for the person (e.g. ZeroGPU's quota)
-            raise
         except Exception as err:  # a bug or a broken model: log it, keep the server up
             log.exception("generation failed")
             raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None
