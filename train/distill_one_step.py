@@ -896,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
         ema.to(device)
     raw_student = accelerator.unwrap_model(student)
     models = Models(student, online, teacher.unet, encoder, optimizer, online_optimizer)
-    guard = common.FiniteGuard(args.skip_nonfinite, output_dir)
+    guard = common.FiniteGuard(args.skip_nonfinite, output_dir, lr_flag="--lr or --online_lr")  # one for both models
 
     start_step = 0
     checkpoint = common.find_checkpoint(output_dir, args.resume)
