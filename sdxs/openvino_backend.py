@@ -118,7 +118,7 @@ class _Compiled:
         compiled = self.core.compile_model(model, "CPU", self.config)
         self.compiled[key] = compiled
         self.convert_seconds += time.perf_counter() - start
-        log.info("OpenVINO: %s compiled for %s in %.1f s", self.name, [list(s) for s in key], time.perf_counter() - compile_start)
+        log.info("OpenVINO: %s compiled for input %s in %.1f s", self.name, list(key[0]), time.perf_counter() - compile_start)
         return compiled
 
     def _load_or_trace(self, inputs: tuple[torch.Tensor, ...]):
@@ -128,7 +128,8 @@ class _Compiled:
             return self._trace(inputs)
         ir = self.cache_dir / f"{self.name}-ov{ov.__version__.split('-')[0]}.xml"
         start = time.perf_counter()
-        if not ir.is_file():
+        converted = not ir.is_file()
+        if converted:
             model = self._trace(inputs)
             ir.parent.mkdir(parents=True, exist_ok=True)
             tmp = ir.with_name(ir.stem + ".tmp.xml")  # write, then move: a killed run leaves no half IR
@@ -139,9 +140,9 @@ class _Compiled:
         # Compile from the saved IR even right after converting: the model convert_model returns and
         # the one read back compile to slightly different kernels (a pixel off by 1/255, measured), and
         # the same seed must give the same bytes whether the cache was cold or warm.
-        read_start = time.perf_counter()
         model = self.core.read_model(ir)
-        log.info("OpenVINO: %s read from the cache in %.1f s", self.name, time.perf_counter() - read_start)
+        if not converted:
+            log.info("OpenVINO: %s read from the cache in %.1f s", self.name, time.perf_counter() - start)
         return model
 
     def _trace(self, inputs: tuple[torch.Tensor, ...]):
