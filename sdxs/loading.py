@@ -138,10 +138,11 @@ def _check_folder(root: Path, model: str, local: bool) -> None:
         missing.append("vae/ (or vae_large/)")
     if missing:
         if local:  # no download advice for a folder on disk: say what a complete one holds
+            where = f"'{model}'"
             fix = f"{COMPLETE_FOLDER} Copy the missing folders from the model it was made from, or pass the complete folder."
         else:
-            fix = _how_to_fix(model)
-        raise ModelNotFoundError(f"'{model}' ({root}) is not a complete pipeline folder: missing {', '.join(missing)}. {fix}")
+            where, fix = f"'{model}' ({root})", _how_to_fix(model)
+        raise ModelNotFoundError(f"{where} is not a complete pipeline folder: missing {', '.join(missing)}. {fix}")
 
 
 # --- what a folder is: no custom code, a one-step model ----------------------------------------------
