@@ -146,3 +146,8 @@ def test_rss_timeline_spans_the_run():
     sampler = load_test.RssSampler(pid=0)
     sampler.samples = [100.0, 110.0, 120.0, 130.0, 140.0, 150.0, 160.0, 170.0, 180.0]
     assert sampler.timeline(points=5) == [100, 120, 140, 160, 180]
+
+
+def test_warmup_defaults_to_two_requests_per_client():
+    assert load_test.parse_args(["--clients", "5"]).warmup == 10
+    assert load_test.parse_args(["--clients", "5", "--warmup", "1"]).warmup == 1

@@ -10,8 +10,9 @@ What it does; it stops by itself (at most --requests requests, within --time-lim
 1. Starts app.py (or demo_sketch.py) as a subprocess on 127.0.0.1 at a free port, offline (no hub traffic),
    with --model or a tiny random model it writes with `python -m sdxs make-tiny` to a temporary folder,
    and waits until it answers (--startup-timeout).
-2. Warm-up: --warmup requests one after another. Their median is the latency without load, and the
-   server's RSS "before" is read after them, so the first calls' one-time allocations are not growth.
+2. Warm-up: --warmup requests from all the clients (default 2 per client). The server's RSS "before"
+   is read after it, so one-time allocations (first calls, one allocator arena per busy thread) are
+   not counted as growth; the RSS at start is reported too.
 3. Load: --clients gradio_client clients, each sending its next request when the previous one is
    answered, --requests in all, cycling over --distinct different inputs (prompts and seeds; sketches
    for the sketch app). An answer fails unless it is an image file of --size x --size pixels (and, for
@@ -500,7 +501,7 @@ def markdown_table(report: dict) -> str:
         ("app", f"{report['script']} `{report['endpoint']}`, model {report['model']}, backend {report['backend']}"),
         ("code", f"commit {report['git']['commit']}" + (" + uncommitted app changes" if report["git"]["uncommitted_app_changes"] else "")),
         ("start-up", f"{report['startup_s']} s until the server answered"),
-        ("warm-up", f"{w['succeeded']}/{w['requested']} ok, one at a time; latency p50 {w['latency_s']['p50']} s"),
+        ("warm-up", f"{w['succeeded']}/{w['requested']} ok from the same clients; latency p50 {w['latency_s']['p50']} s"),
         ("load", f"{load['requested']} requests from {report['clients']} clients, {load['sent']} sent, {load['failures']} failed"),
         ("latency (s)", f"p50 {lat['p50']}, p95 {lat['p95']}, max {lat['max']}"),
         ("queue wait (s)", f"p50 {wait['p50']}, p95 {wait['p95']}, max {wait['max']}; longest queue reported: {load['longest_queue']}"),
@@ -541,7 +542,7 @@ def parse_args(argv=None):
     # how much load, bounded
     parser.add_argument("--requests", type=int, default=200, help=f"requests under load, 1..{MAX_REQUESTS} (default 200)")
     parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients, 1..{MAX_CLIENTS} (default 16)")
-    parser.add_argument("--warmup", type=int, default=3, help="requests one at a time before the load (default 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="requests from all clients before the load and the RSS 'before' (default 2 per client)")
     parser.add_argument("--distinct", type=int, default=20, help="different inputs cycled through (default 20)")
     parser.add_argument("--strokes", type=int, default=20, help="sketch app: strokes in the live scenario, >= 2 (default 20)")
     parser.add_argument("--stroke-interval", type=float, default=0.05, help="sketch app: seconds between strokes (default 0.05)")
@@ -556,6 +557,7 @@ def parse_args(argv=None):
         parser.error(f"--requests must be between 1 and {MAX_REQUESTS}, got {args.requests}")
     if not 1 <= args.clients <= MAX_CLIENTS:
         parser.error(f"--clients must be between 1 and {MAX_CLIENTS}, got {args.clients}")
+    args.warmup = 2 * args.clients if args.warmup is None else args.warmup
     if args.warmup < 1 or args.distinct < 1 or args.strokes < 2 or args.stroke_interval < 0 or args.time_limit <= 0:
         parser.error("--warmup and --distinct must be >= 1, --strokes >= 2, --stroke-interval >= 0, --time-limit > 0")
     return args
@@ -577,8 +579,8 @@ def run(args, workdir: Path) -> dict:
         report["startup_s"] = round(wait_until_ready(proc, url, log_path, args.startup_timeout), 1)
         deadline = time.time() + args.time_limit
         rss_start = rss_mb(proc.pid)
-        warmup = run_clients(url, workdir, endpoint, app, 1, 0, args.warmup, deadline)
-        report["warmup"] = summarise_load(warmup, args.warmup, sum(r.get("done", 0) - r.get("sent", 0) for r in warmup))
+        start = time.time()
+        report["warmup"] = summarise_load(run_clients(url, workdir, endpoint, app, args.clients, 0, args.warmup, deadline), args.warmup, time.time() - start)
         rss_before = rss_mb(proc.pid)
         start = time.time()
         with RssSampler(proc.pid) as sampler:
