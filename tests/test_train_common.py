@@ -454,3 +454,31 @@ def test_model_errors_name_the_training_flag(teacher, tmp_path, monkeypatch):
     (tmp_path / "half").mkdir()
     with pytest.raises(SystemExit, match="--student .*missing tokenizer"):
         common.load_teacher(str(tmp_path / "half"), torch.device("cpu"), torch.float32, flag="--student")
+
+def test_guarded_update_skips_a_non_finite_gradient_norm_even_with_a_finite_loss(tmp_path, capsys):
+    """The update helper every stage's main() calls: gradients zeroed and weights untouched on a skip; the
+    gradient norm is checked, not only the loss."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator = common.make_accelerator(tmp_path, mixed_precision="no", grad_accum=1, report_to="none")
+    try:
+        linear = torch.nn.Linear(3, 1)
+        model, optimizer = accelerator.prepare(linear, torch.optim.SGD(linear.parameters(), lr=0.1))
+        guard = common.FiniteGuard(1, tmp_path)
+        update = lambda step: common.guarded_update(accelerator, optimizer, model.parameters(), guard, step, {"loss": 0.5}, 1.0, "decoder")
+
+        before = [p.detach().clone() for p in model.parameters()]
+        model(torch.ones(1, 3)).sum().backward()
+        model.weight.grad[0, 0] = float("inf")
+        assert update(5) is False
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and all(p.grad is None for p in model.parameters())
+        assert "step 5: non-finite gradient norm = " in capsys.readouterr().err
+        model(torch.ones(1, 3)).sum().backward()
+        assert update(6) is True and not torch.equal(before[0], model.weight)  # a finite step is taken
+        model(torch.ones(1, 3)).sum().backward()
+        model.weight.grad[0, 0] = float("nan")
+        with pytest.raises(common.NonFiniteLossError, match=r"step 7: non-finite gradient norm = nan \(decoder\)"):
+            update(7)  # the one allowed skip is spent
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

@@ -829,11 +829,15 @@ class FiniteGuard:
     def __init__(self, max_skips: int, output_dir: Path, lr_flag: str = "--lr"):
         self.max_skips, self.output_dir, self.skipped, self.lr_flag = max_skips, Path(output_dir), 0, lr_flag
 
-    def check(self, step: int, terms: dict, grad_norm: float | None = None, model: str = "student") -> bool:
+    def check(self, step: int, terms: dict, grad_norm: float | None = None, model: str = "student", accelerator=None) -> bool:
         values = {name: float(value.detach()) if torch.is_tensor(value) else float(value) for name, value in terms.items()}
         if grad_norm is not None:
             values["gradient norm"] = float(grad_norm)
         bad = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
+        if accelerator is not None and accelerator.num_processes > 1:  # every process must take the same decision
+            anywhere = accelerator.reduce(torch.tensor(float(bool(bad)), device=accelerator.device), "max").item() > 0
+            if anywhere and not bad:
+                bad = ["value on another process"]
         if not bad:
             return True
         if self.skipped < self.max_skips:
@@ -847,6 +851,25 @@ class FiniteGuard:
             f"error: step {step}: non-finite {', '.join(bad)} ({model}). Stopped before applying this update; nothing was "
             f"saved after it: {last}. Usually the learning rate is too high (lower {self.lr_flag}) or the data holds bad values; "
             f"--skip_nonfinite N skips up to N such steps (now {self.max_skips}).")
+
+
+def guarded_update(accelerator, optimizer, parameters, guard: FiniteGuard, step: int, terms: dict[str, float],
+                   max_grad_norm: float, model: str = "student") -> bool:
+    """Every stage's optimizer step, after the last micro-step's backward pass: clip (max_grad_norm > 0), let
+    the finite-loss guard see the loss terms and the gradient norm, then step the optimizer, or skip the
+    update with its gradients zeroed. Returns whether the weights changed: the caller steps the LR schedule
+    (and the EMA) only then."""
+    grad_norm = grad_norm_and_clip(accelerator, parameters, max_grad_norm)
+    # fp16's grad scaler skips an overflowing step and lowers its scale (normal in the first steps): it owns
+    # the gradient norm then; a non-finite loss is still the guard's.
+    scaler = accelerator.scaler
+    take = guard.check(step, terms, grad_norm if scaler is None else None, model=model, accelerator=accelerator)
+    if take:
+        optimizer.step()
+    elif scaler is not None:
+        scaler.update()  # close this step's unscale_ (clipping above), or the next step's clipping fails
+    optimizer.zero_grad(set_to_none=True)
+    return take and not getattr(optimizer, "step_was_skipped", False)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -164,20 +164,6 @@ def discriminator_step(disc, teacher_images: torch.Tensor, fake: torch.Tensor) -
     return gan_discriminator_loss(disc(teacher_images), disc(fake.detach()))
 
 
-def guarded_update(accelerator, optimizer, parameters, guard: common.FiniteGuard, step: int, terms: dict[str, float],
-                   max_grad_norm: float, model: str) -> bool:
-    """After the last micro-step's backward pass: clip (max_grad_norm > 0), let the finite-loss guard see the
-    loss terms and the gradient norm, then step the optimizer, or skip the update with its gradients zeroed.
-    Returns whether the weights changed: the caller steps the LR schedule (and EMA) only then."""
-    grad_norm = common.grad_norm_and_clip(accelerator, parameters, max_grad_norm)
-    # fp16's grad scaler skips an overflowing step and lowers its scale (normal in the first steps): it owns the
-    # gradient norm then; a non-finite loss is still the guard's.
-    take = guard.check(step, terms, grad_norm if accelerator.scaler is None else None, model=model)
-    if take:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return take and not optimizer.step_was_skipped
-
 
 def add_mean(sums: dict[str, float], losses: dict[str, torch.Tensor], grad_accum: int) -> None:
     """Add one micro-step's loss values to the step's running means (what the log and the guard see)."""
@@ -318,15 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                 accelerator.backward(losses["loss"])
                 add_mean(sums, losses, args.grad_accum)
                 if accelerator.sync_gradients:
-                    decoder_updated = guarded_update(accelerator, optimizer, trained, guard, step, {k: sums[k] for k in losses},
-                                                     args.max_grad_norm, "decoder")
+                    decoder_updated = common.guarded_update(accelerator, optimizer, trained, guard, step, {k: sums[k] for k in losses},
+                                                            args.max_grad_norm, "decoder")
                 if lambda_gan > 0:  # D trains from the GAN start on
                     loss_d = discriminator_step(disc, teacher_images, fake)
                     accelerator.backward(loss_d)
                     add_mean(sums, {"loss_d": loss_d}, args.grad_accum)
                     if accelerator.sync_gradients:  # D's gradients are not clipped (max_grad_norm 0: the norm only)
-                        disc_updated = guarded_update(accelerator, disc_optimizer, disc.parameters(), disc_guard, step,
-                                                      {"loss_d": sums["loss_d"]}, 0.0, "discriminator")
+                        disc_updated = common.guarded_update(accelerator, disc_optimizer, disc.parameters(), disc_guard, step,
+                                                            {"loss_d": sums["loss_d"]}, 0.0, "discriminator")
             seen += len(z) * accelerator.num_processes
         if decoder_updated:  # a skipped update (--skip_nonfinite) steps neither the schedule nor the EMA
             lr_schedules[0].step()

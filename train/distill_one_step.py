@@ -588,19 +588,6 @@ def offline_eps(unet, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, 
     return unet(x, t, encoder_hidden_states=states).sample.float()
 
 
-def guarded_step(model: torch.nn.Module, optimizer, terms: dict[str, float], *, name: str, step: int, s: StepSettings,
-                 accelerator, guard: common.FiniteGuard) -> bool:
-    """Clip the gradients, check the loss terms and the gradient norm (common.FiniteGuard), then take the
-    optimizer step. A skipped (non-finite) step drops its gradients and leaves the weights as they were.
-    Returns whether the step was taken."""
-    norm = common.grad_norm_and_clip(accelerator, model.parameters(), s.max_grad_norm)
-    taken = guard.check(step, terms, norm, model=name)
-    if taken:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return taken
-
-
 def online_update(models: Models, s: StepSettings, micro_states: list[torch.Tensor], gen: torch.Generator, *, step: int,
                   accelerator, guard: common.FiniteGuard) -> UpdateInfo:
     """One update of the online DM (Alg. 1; s_online of Eq. 11): the standard denoising loss
@@ -624,8 +611,8 @@ def online_update(models: Models, s: StepSettings, micro_states: list[torch.Tens
         for key, value in (("z", z), ("noise", n), ("t", t), ("x0", x0)):
             fed[key].append(value.detach())
     losses = {"loss_online": loss_sum}
-    stepped = guarded_step(models.online, models.online_optimizer, losses, name="online DM", step=step, s=s,
-                           accelerator=accelerator, guard=guard)
+    stepped = common.guarded_update(accelerator, models.online_optimizer, models.online.parameters(), guard, step, losses,
+                                    s.max_grad_norm, "online DM")
     return UpdateInfo(losses, stepped, {key: torch.cat(values) for key, values in fed.items()})
 
 
@@ -704,8 +691,8 @@ def student_update(models: Models, s: StepSettings, batches: list[MicroBatch], p
             sums[key] = sums.get(key, 0.0) + value / len(batches)
         fed.append(record)
     losses = {key: sums[key] for key in ("loss", "loss_fm", "loss_sd") if key in sums}
-    stepped = guarded_step(models.student, models.student_optimizer, losses, name="student", step=step, s=s,
-                           accelerator=accelerator, guard=guard)
+    stepped = common.guarded_update(accelerator, models.student_optimizer, models.student.parameters(), guard, step, losses,
+                                    s.max_grad_norm, "student")
     return UpdateInfo(sums, stepped, {key: torch.cat([r[key] for r in fed]) for key in fed[0]})
 
 

@@ -330,20 +330,6 @@ def kd_step(student, teacher_unet, hooks: FeatureHooks, x_t: torch.Tensor, t: to
     return {"loss": loss_out + lambda_feat * loss_feat, "loss_out": loss_out, "loss_feat": loss_feat}  # Eq. 8
 
 
-def guarded_update(accelerator, optimizer, parameters, guard: common.FiniteGuard, step: int, terms: dict[str, float],
-                   max_grad_norm: float, model: str) -> bool:
-    """After the last micro-step's backward pass: clip (max_grad_norm > 0), let the finite-loss guard see the
-    loss terms and the gradient norm, then step the optimizer, or skip the update with its gradients zeroed.
-    Returns whether the weights changed: the caller steps the LR schedule (and EMA) only then."""
-    grad_norm = common.grad_norm_and_clip(accelerator, parameters, max_grad_norm)
-    # fp16's grad scaler skips an overflowing step and lowers its scale (normal in the first steps): it owns the
-    # gradient norm then; a non-finite loss is still the guard's.
-    take = guard.check(step, terms, grad_norm if accelerator.scaler is None else None, model=model)
-    if take:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return take and not optimizer.step_was_skipped
-
 
 # --- arguments -----------------------------------------------------------------------------------
 
@@ -473,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in LOSSES:
                     sums[k] += losses[k].detach().float().item() / args.grad_accum
                 if accelerator.sync_gradients:
-                    updated = guarded_update(accelerator, optimizer, student.parameters(), guard, step, sums, args.max_grad_norm, "student")
+                    updated = common.guarded_update(accelerator, optimizer, student.parameters(), guard, step, sums, args.max_grad_norm, "student")
             seen += len(x_t) * accelerator.num_processes
         if updated:  # once per optimizer step; a skipped update (--skip_nonfinite) steps neither the schedule nor the EMA
             lr_schedule.step()
