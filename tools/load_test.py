@@ -252,7 +252,7 @@ class TextApp:
     def __init__(self, distinct: int, size: int):
         self.distinct, self.size = distinct, size
 
-    def request(self, i: int) -> tuple[int, dict]:
+    def request(self, i: int) -> tuple[int, tuple]:
         key = i % self.distinct
         return key, (PROMPTS[key % len(PROMPTS)], key, False)  # prompt, seed, randomize_seed
 
@@ -275,7 +275,7 @@ class SketchApp:
         self.blank = save_sketch([], folder / "blank.png")
         self.sketches = [save_sketch(draw_figure(seed=k, n_strokes=2 + k % 6), folder / f"sketch-{k:03d}.png") for k in range(distinct)]
 
-    def request(self, i: int) -> tuple[int, dict]:
+    def request(self, i: int) -> tuple[int, tuple]:
         key = i % self.distinct
         return key, self.sketch_request(self.sketches[key], PROMPTS[key % len(PROMPTS)], seed=key)
 
