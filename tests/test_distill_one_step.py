@@ -685,3 +685,15 @@ def test_help_explains_every_flag():
     for flag in ("--student", "--psi_scheduler", "--fm_encoder", "--online_updates_per_step", "--alpha_start", "--lambda_fm_end",
                  "--sd_weighting", "--t_range", "--real_guidance", "--fm_warmup_steps", "--pairs"):
         assert flag in text
+
+
+def test_ssim_distance_is_computed_in_fp32_under_mixed_precision():
+    """Under bf16 autocast (what --mixed_precision bf16 runs) SSIM's moment differences must stay fp32: feature
+    maps with a large offset (as deep VGG features have) otherwise cancel to garbage (NaN on a GPU)."""
+    gen = torch.Generator().manual_seed(0)
+    x = 300 + torch.randn(2, 8, 16, 16, generator=gen)
+    y = 300 + torch.randn(2, 8, 16, 16, generator=gen)
+    exact = stage.ssim_distance(x, y, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = stage.ssim_distance(x, y, 7)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, exact, atol=1e-5)

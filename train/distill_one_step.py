@@ -324,7 +324,9 @@ def ssim_distance(x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor
     """Per-sample 1 - SSIM between feature maps (N, C, H, W) of any channel count (pytorch_msssim, a
     Gaussian window of size min(window, the largest odd number <= min(H, W)), so small maps are
     compared too). Features have no fixed range: data_range, which sets SSIM's stabilising constants,
-    is the target's (y) value range, detached."""
+    is the target's (y) value range, detached. Always computed in fp32, also under mixed precision: SSIM's
+    variances are differences of large moments (E[x^2] - E[x]^2), which bf16/fp16 convolutions cancel to
+    garbage; on a GPU, VGG-16 features in bf16 gave NaN at the 7th step."""
     from pytorch_msssim import ssim
 
     side = min(x.shape[-2:])
@@ -332,7 +334,8 @@ def ssim_distance(x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor
         raise ValueError(f"feature maps of {tuple(x.shape[-2:])} are too small for SSIM; choose shallower --fm_layers.")
     window = min(window, side if side % 2 else side - 1)
     data_range = float((y.max() - y.min()).detach().clamp_min(1e-6))
-    return 1 - ssim(x.float(), y.float(), data_range=data_range, size_average=False, win_size=window)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return 1 - ssim(x.float(), y.float(), data_range=data_range, size_average=False, win_size=window)
 
 
 def feature_matching_loss(student_features: list[torch.Tensor], target_features: list[torch.Tensor],
