@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdxs.loading import Components, load_components, pick_device_and_dtype
+from sdxs.validation import MAX_SEED
 
 log = logging.getLogger(__name__)
 
@@ -383,8 +384,8 @@ class SDXSEngine:
         return result
 
     def _generate(self, prompts, seed, num_images, decoder, width, height, control=None, control_strength=0.0) -> Generation:
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}.")
         prompts = [p for p in prompts for _ in range(num_images)]
         seeds = [int(seed) + i for i in range(len(prompts))]
         if control is not None:

@@ -86,6 +86,10 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_engine):
         (dict(num_images=0), "Number of images"),
         (dict(num_images=MAX_IMAGES + 1), "Number of images"),
         (dict(seed=-1), "seed"),
+        (dict(seed=2**64), "seed must be a whole number from 0 to 4294967295"),  # was an overflow deep in torch
+        (dict(seed=2**32), "seed must be a whole number"),
+        (dict(seed=1.5), "seed must be a whole number"),
+        (dict(seed=True), "seed must be a whole number"),
     ],
 )
 def test_invalid_requests_are_refused(tiny_engine, kwargs, message):
