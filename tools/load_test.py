@@ -512,6 +512,7 @@ def markdown_table(report: dict) -> str:
         ("server RSS (MiB)", f"start {rss['start']}, before {rss['before']}, after {rss['after']}, peak {rss['peak']}; growth {rss['growth']:+.1%}"),
         ("RSS during the load (MiB)", " → ".join(map(str, rss["load_timeline"]))),
         ("server files", f"{report['server_files']['files']} files, {report['server_files']['mb']} MiB written"),
+        ("server log", f"{report['server_log_tracebacks']} tracebacks"),
     ]
     if live := report.get("live"):
         rows.append(("trigger_mode", f"{live['trigger_mode']}; strokes every {live['stroke_interval_s']} s"))
