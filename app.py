@@ -16,7 +16,7 @@ import gradio as gr
 from sdxs import DEFAULT_MODEL, MODELS, ModelNotFoundError, SDXSEngine
 from sdxs.registry import ANIME_LORA
 from sdxs.validation import MAX_SEED, clean_prompt, parse_count, parse_seed, random_seed
-from sdxs.webapp import add_common_flags, configure_console, display_name, gpu, launch, load_engine_or_exit, status_line
+from sdxs.webapp import add_common_flags, configure_console, display_name, gpu, launch, limit_malloc_arenas, load_engine_or_exit, status_line
 
 log = logging.getLogger("sdxs.app")
 
@@ -136,6 +136,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    limit_malloc_arenas()  # before loading: a server's RSS stays flat under load
     configure_console()
     launch(build_demo(load_engines(args)), args, max_queue=32)
     return 0

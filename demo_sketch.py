@@ -19,7 +19,7 @@ from sdxs.registry import SKETCH_MODEL
 from sdxs.sketch import blank_sketch, prepare_sketch_with_notes
 from sdxs.styles import DEFAULT_STYLE, STYLES, apply_style
 from sdxs.validation import EMPTY_PROMPT_NOTE, MAX_SEED, clean_text, open_image, parse_seed, parse_strength, random_seed
-from sdxs.webapp import add_common_flags, configure_console, display_name, gpu, launch, load_engine_or_exit, sketch_size, status_line
+from sdxs.webapp import add_common_flags, configure_console, display_name, gpu, launch, limit_malloc_arenas, load_engine_or_exit, sketch_size, status_line
 
 EMPTY_MESSAGE = "Draw on the canvas (or upload a line drawing) to start: the image follows every stroke."
 log = logging.getLogger("sdxs.sketch_app")
@@ -162,6 +162,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    limit_malloc_arenas()  # before loading: a server's RSS stays flat under load
     configure_console()
     engine = load_engine_or_exit(args, base=args.base)
     if engine.components.controlnet is None:

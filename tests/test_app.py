@@ -181,7 +181,7 @@ def test_main_binds_loopback_caps_uploads_and_logs_progress(tiny_model_dir, monk
     from PIL import Image
 
     launched = {}
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, delete_cache=self.delete_cache))
     monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # launch() lowers it; restored after
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
@@ -189,4 +189,15 @@ def test_main_binds_loopback_caps_uploads_and_logs_progress(tiny_model_dir, monk
     assert app.main(["--model", str(tiny_model_dir), "--backend", "torch", "--port", "7999"]) == 0
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999 and launched["share"] is False
     assert launched["max_file_size"] == MAX_UPLOAD_BYTES and Image.MAX_IMAGE_PIXELS == MAX_UPLOAD_PIXELS
+    assert launched["delete_cache"] == (3600, 3600)  # Gradio's temporary files do not pile up
     assert "Loading" in caplog.text and "this machine only" in caplog.text
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says(monkeypatch):
+    """The apps cap glibc's malloc arenas before loading (RSS flat under load, docs/reliability.md)."""
+    from sdxs.webapp import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_malloc_arenas() is True  # glibc on Linux: mallopt(M_ARENA_MAX, 2) accepted
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the person's own setting wins
