@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import gradio as gr
@@ -16,9 +15,9 @@ import gradio as gr
 from sdxs import DEFAULT_MODEL, MODELS, ModelNotFoundError, SDXSEngine
 from sdxs.registry import ANIME_LORA
 from sdxs.validation import MAX_SEED, clean_prompt, parse_count, parse_seed, random_seed
-from sdxs.webapp import add_common_flags, configure_console, display_name, gpu, launch, limit_malloc_arenas, load_engine_or_exit, status_line
+from sdxs.webapp import (add_common_flags, configure_console, display_name, errors_as_messages, gpu, launch, limit_malloc_arenas,
+                         load_engine_or_exit, status_line)
 
-log = logging.getLogger("sdxs.app")
 
 MAX_IMAGES = 4
 EXAMPLES = [
@@ -49,18 +48,11 @@ def make_generate(engines: dict[str, SDXSEngine] | SDXSEngine):
 
     def generate(prompt, seed, randomize_seed, num_images, decoder, style=None):
         style = style if isinstance(style, str) and style in engines else next(iter(engines))  # a label, never a path
-        try:
+        with errors_as_messages():
             prompt, notes = clean_prompt(prompt)
             seed = random_seed() if randomize_seed is True else parse_seed(seed)
             num_images = parse_count(num_images, "Number of images", MAX_IMAGES)
             result = run(style, prompt, seed, num_images, decoder)
-        except gr.Error:  # already a message for the person (e.g. ZeroGPU's quota); a ValueError too
-            raise
-        except ValueError as err:  # bad input: say what to change
-            raise gr.Error(str(err)) from None
-        except Exception as err:  # a bug or a broken model: log it, keep the server up
-            log.exception("generation failed")
-            raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None
         notes += result.warnings
         for note in notes:
             gr.Warning(note)

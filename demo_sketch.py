@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import gradio as gr
@@ -19,10 +18,10 @@ from sdxs.registry import SKETCH_MODEL
 from sdxs.sketch import blank_sketch, prepare_sketch_with_notes
 from sdxs.styles import DEFAULT_STYLE, STYLES, apply_style
 from sdxs.validation import EMPTY_PROMPT_NOTE, MAX_SEED, clean_text, open_image, parse_seed, parse_strength, random_seed
-from sdxs.webapp import add_common_flags, configure_console, display_name, gpu, launch, limit_malloc_arenas, load_engine_or_exit, sketch_size, status_line
+from sdxs.webapp import (add_common_flags, configure_console, display_name, errors_as_messages, gpu, launch, limit_malloc_arenas,
+                         load_engine_or_exit, sketch_size, status_line)
 
 EMPTY_MESSAGE = "Draw on the canvas (or upload a line drawing) to start: the image follows every stroke."
-log = logging.getLogger("sdxs.sketch_app")
 
 
 def canvas_reader(canvas: gr.ImageEditor | None):
@@ -78,15 +77,8 @@ def make_generate(engine: SDXSEngine, canvas_component: gr.ImageEditor | None = 
         notes += sketch_notes
         if sketch is None:
             return blank_sketch(), None, "\n\n".join([EMPTY_MESSAGE, *(f"Note: {note}" for note in sketch_notes)])
-        try:
+        with errors_as_messages():
             result = run(sketch, prompt, seed, control_strength)
-        except gr.Error:  # already a message for the person (e.g. ZeroGPU's quota); a ValueError too
-            raise
-        except ValueError as err:
-            raise gr.Error(str(err)) from None
-        except Exception as err:  # a bug or a broken model: log it, keep the server up
-            log.exception("generation failed")
-            raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None
         notes += result.warnings
         for note in notes:
             gr.Warning(note)

@@ -5,6 +5,7 @@ here, so it is cheap to import and test; the CLI uses the start-up part too."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -100,6 +101,25 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return bool(libc.mallopt(-8, arenas))  # -8: M_ARENA_MAX
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
+
+
+@contextlib.contextmanager
+def errors_as_messages():
+    """Around the work of an app's event handler: bad input (a ValueError) becomes a message for the
+    person, any other failure is logged with its traceback and answered in one line, and the server
+    keeps serving. A gr.Error raised below (e.g. ZeroGPU's quota message; it is a ValueError too)
+    passes unchanged."""
+    import gradio as gr
+
+    try:
+        yield
+    except gr.Error:
+        raise
+    except ValueError as err:  # bad input: say what to change
+        raise gr.Error(str(err)) from None
+    except Exception as err:  # a bug or a broken model: log it, keep the server up
+        log.exception("generation failed")
+        raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None
 
 
 def launch(demo, args, *, max_queue: int) -> None:
