@@ -167,10 +167,14 @@ def _is_diffusers_scheduler(name: str) -> bool:
 
 
 def check_no_custom_code(root: Path, model: str) -> None:
-    """Refuse a folder that would need code of its own: a component loaded from a module other
-    than diffusers/transformers (model_index.json), a class sdxs does not build, or an auto_map."""
+    """Refuse a folder that would need code of its own: a component sdxs loads whose module is not
+    diffusers/transformers (model_index.json), a class sdxs does not build, or an auto_map. Components
+    sdxs never loads (e.g. a diffusers `safety_checker` listed under the module "stable_diffusion") are
+    not looked at."""
     problems = []
     for key, value in (read_json(root / "model_index.json") or {}).items():
+        if key not in _COMPONENT_CONFIGS:
+            continue
         if isinstance(value, list) and len(value) == 2 and value[0] not in (None, "diffusers", "transformers"):
             problems.append(f"model_index.json loads {key} from the module '{value[0]}'")
     for sub, (filename, classes) in _COMPONENT_CONFIGS.items():

@@ -239,3 +239,16 @@ def test_sketch_model_offline_names_every_repo_it_needs(tmp_path, tiny_model_dir
     assert "IDKiro/sdxs-512-dreamshaper-sketch" in neither and "`hf download IDKiro/sdxs-512-dreamshaper --local-dir BASE`" in neither
     assert "--model DIR --base BASE" in neither
     assert "'IDKiro/sdxs-512-dreamshaper-sketch' runs on the base pipeline 'IDKiro/sdxs-512-dreamshaper', which could not be loaded" in controlnet_only
+
+
+def test_components_sdxs_never_loads_are_not_taken_for_custom_code(tiny_model_dir, tmp_path):
+    """diffusers' save_pretrained lists an SD pipeline's safety checker under the module "stable_diffusion":
+    sdxs never loads it, so the folder runs (only the components sdxs loads are checked for code)."""
+    from sdxs import SDXSEngine
+
+    folder = copy_without_controlnet(tiny_model_dir, tmp_path / "m")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"], feature_extractor=[None, None])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    engine = SDXSEngine.from_pretrained(str(folder), device="cpu", backend="torch")
+    assert engine.text_to_image("a cat", seed=0).images[0].size == (engine.native_size, engine.native_size)

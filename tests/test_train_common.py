@@ -374,6 +374,18 @@ def test_check_resume_settings_rules(accelerator, tmp_path, capsys):
         common.load_checkpoint(accelerator, tmp_path / "step-x", {**saved, "lr": 3.0})
 
 
+def test_resume_takes_one_folder_written_another_way_as_the_same_setting(tmp_path, monkeypatch):
+    (tmp_path / "teacher").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"teacher": "teacher", "prompts": "p.txt"}
+    assert common.check_resume_settings(saved, {**saved, "teacher": str(tmp_path / "teacher")}, "ckpt", None) == {}
+    with pytest.raises(SystemExit, match="teacher"):  # another folder is another setting
+        (tmp_path / "other").mkdir()
+        common.check_resume_settings(saved, {**saved, "teacher": str(tmp_path / "other")}, "ckpt", None)
+    with pytest.raises(SystemExit, match="prompts"):  # strings that are not existing paths compare as text
+        common.check_resume_settings(saved, {**saved, "prompts": "./p.txt"}, "ckpt", None)
+
+
 # --- finite weights and losses (issue 12) ------------------------------------------------------------
 
 

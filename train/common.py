@@ -980,7 +980,7 @@ def check_resume_settings(saved: dict, current: dict, where: str, log_dir: Path 
         raise SystemExit(f"--allow_changed names {', '.join(unknown)}, which is not a setting of this script; settings are "
                          f"flag names without --: {', '.join(sorted(current))}.")
     free = RESUME_MAY_CHANGE | set(may_change)
-    changed = {k: (saved[k], v) for k, v in current.items() if k in saved and k not in free and saved[k] != v}
+    changed = {k: (saved[k], v) for k, v in current.items() if k in saved and k not in free and not _same_setting(saved[k], v)}
     refused = [k for k in changed if k not in allowed]
     if refused:
         lines = "\n".join(f"  {k}: {_shown(changed[k][0])} -> {_shown(changed[k][1])}" for k in refused)
@@ -1002,6 +1002,17 @@ def check_resume_settings(saved: dict, current: dict, where: str, log_dir: Path 
                 with (Path(log_dir) / "resume_changes.log").open("a", encoding="utf-8") as f:
                     f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
     return changed
+
+
+def _same_setting(old, new) -> bool:
+    """Equal values, or two spellings of one existing local path (relative vs absolute, ~): a model or
+    data folder given another way is the same setting."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and old and new:
+        a, b = Path(old).expanduser(), Path(new).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
 
 
 def _shown(value) -> str:
