@@ -378,7 +378,7 @@ def live_strokes(client, endpoint, app, strokes: list[Path], interval: float, pr
     a stroke while an update runs only marks the canvas as changed; when the update ends, one update
     goes out with the canvas as it is then. Returns what was sent and the last answer's pixels."""
     start = time.time()
-    drawn, changed, job, sent, answered = 0, False, None, [], []
+    drawn, changed, job, request, sent, answered = 0, False, None, None, [], []
     while (drawn < len(strokes) or changed or job is not None) and time.time() < deadline:
         if drawn < len(strokes) and time.time() >= start + drawn * interval:
             drawn, changed = drawn + 1, True  # the canvas now shows strokes[drawn - 1]
