@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_sd_teachers_pass_the_check_and_an_sdxl_shaped_one_is_refused_naming_wha
     (dict(transformer_layers_per_block=2), "transformer_layers_per_block 2"),
     (dict(class_embed_type="timestep"), "class_embed_type 'timestep'"),
     (dict(down_block_types=("SimpleCrossAttnDownBlock2D",) + TINY_TEACHER_UNET["down_block_types"][1:]), "SimpleCrossAttnDownBlock2D"),
-    (dict(layers_per_block=1), "layers_per_block 1"),
+    (dict(layers_per_block=0), "layers_per_block 0"),
     (dict(up_block_types=TINY_TEACHER_UNET["up_block_types"][1:]), "4 down and 3 up stages"),
 ])
 def test_each_unsupported_feature_is_named(change, named):
@@ -154,6 +155,28 @@ def test_run_refuses_an_sdxl_shaped_teacher_before_loading_it(teacher, tmp_path)
     with pytest.raises(SystemExit, match=r"U-Net is not one stage B's .* transformer_layers_per_block .* Supported: an SD-1.x"):
         run_stage(stage, tmp_path / "out", teacher=sdxl)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_the_bundled_emoji_teacher_single_resnet_stages_keep_their_resnet_and_every_weight_is_copied_or_removed():
+    """The mini reproduction's teacher (3 stages, 1 resnet each, mid block): the student drops the mid
+    block and the last stage, keeps one resnet per stage, and starts as the teacher's kept weights."""
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(Path(__file__).resolve().parents[1] / "models" / "emoji-teacher" / "unet")
+    config = stage.derive_student_config(teacher.config)
+    assert config["layers_per_block"] == 1 and config["mid_block_type"] is None
+    assert config["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D")
+    assert config["up_block_types"] == ("CrossAttnUpBlock2D", "UpBlock2D")
+    student, plan = stage.init_student_from_teacher(teacher)
+    assert sum(p.numel() for p in student.parameters()) == 2_963_780  # of the teacher's 6,715,588
+    # the up block that takes the skip from the stage below keeps both resnets, in order
+    assert plan.copied["up_blocks.0.resnets.1.conv1.weight"] == "up_blocks.1.resnets.1.conv1.weight"
+    assert plan.copied["up_blocks.1.resnets.0.conv1.weight"] == "up_blocks.2.resnets.0.conv1.weight"
+    assert plan.copied["down_blocks.1.attentions.0.proj_in.weight"] == "down_blocks.1.attentions.0.proj_in.weight"
+    assert not any(t.startswith(("mid_block.", "down_blocks.2.", "up_blocks.0.")) for t in plan.copied.values())
+    x, t, states = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 128)
+    with torch.no_grad():
+        assert student(x, t, encoder_hidden_states=states).sample.shape == x.shape
 
 
 def test_a_student_weight_without_a_same_shaped_teacher_weight_is_refused_not_initialised_fresh():

@@ -80,8 +80,7 @@ _PER_STAGE = ("block_out_channels", "down_block_types", "layers_per_block", "att
 
 SUPPORTED_TEACHERS = (
     "an SD-1.x/SD-2.x-style UNet2DConditionModel (e.g. SD-1.5 / DreamShaper-8, SD-2.1-base): at least 3 down stages of "
-    "CrossAttnDownBlock2D/DownBlock2D and as many up stages of CrossAttnUpBlock2D/UpBlock2D, at least 2 resnets per down "
-    "stage, one transformer layer per attention block, and no class or added (e.g. SDXL's text_time) embeddings. "
+    "CrossAttnDownBlock2D/DownBlock2D and as many up stages of CrossAttnUpBlock2D/UpBlock2D, one transformer layer per attention block, and no class or added (e.g. SDXL's text_time) embeddings. "
     "SDXL-style teachers (SDXS-1024) are not supported yet")
 _DOWN_BLOCKS, _UP_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
 _EXTRA_EMBEDDINGS = ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim_type")
@@ -104,8 +103,8 @@ def unsupported_teacher_features(teacher_config: dict) -> list[str]:
         value = config.get(key)
         if value is not None and any(n != 1 for n in _flat(value)):
             problems.append(f"{key} {list(value) if isinstance(value, tuple) else value}")
-    if down and min(_per_stage(config.get("layers_per_block", 2), len(down))) < 2:
-        problems.append(f"layers_per_block {config.get('layers_per_block')} (the recipe removes one resnet per stage)")
+    if down and min(_per_stage(config.get("layers_per_block", 2), len(down))) < 1:
+        problems.append(f"layers_per_block {config.get('layers_per_block')}")
     problems += [f"{key} {config[key]!r}" for key in _EXTRA_EMBEDDINGS if config.get(key) is not None]
     return problems
 
@@ -125,7 +124,8 @@ def _flat(value) -> list:
 def derive_student_config(teacher_config: dict) -> dict:
     """The SDXS student U-Net config of an SD-style teacher config (UNet2DConditionModel kwargs):
     no mid block, the last down stage and the first up stage removed, plain (transformer-free) blocks
-    at the highest resolution, and one resnet fewer per stage. Refuses unsupported teachers (check_teacher_unet)."""
+    at the highest resolution, and one resnet fewer per stage where a stage has two or more (a small
+    teacher's single-resnet stages keep theirs). Refuses unsupported teachers (check_teacher_unet)."""
     check_teacher_unet(teacher_config)
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     n = len(config["down_block_types"])
@@ -136,7 +136,7 @@ def derive_student_config(teacher_config: dict) -> dict:
     if config.get("reverse_transformer_layers_per_block") is not None:  # listed in up-block order
         config["reverse_transformer_layers_per_block"] = tuple(config["reverse_transformer_layers_per_block"])[1:]
     layers = config.get("layers_per_block", 2)
-    config["layers_per_block"] = tuple(k - 1 for k in layers) if isinstance(layers, tuple) else layers - 1
+    config["layers_per_block"] = tuple(_kept_resnets(k) for k in layers) if isinstance(layers, tuple) else _kept_resnets(layers)
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     down[0], up[-1] = down[0].replace("CrossAttn", ""), up[-1].replace("CrossAttn", "")  # highest resolution: no transformers
     config["down_block_types"], config["up_block_types"] = tuple(down), tuple(up)
@@ -148,13 +148,19 @@ def _per_stage(value, n: int) -> list[int]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
+def _kept_resnets(teacher_resnets: int) -> int:
+    """Resnets the student keeps in a down stage: one fewer (BK-SDM / SDXS), but never none."""
+    return max(teacher_resnets - 1, 1)
+
+
 def block_map(teacher_config: dict) -> dict[str, str]:
     """Student module -> teacher module, for every block the student keeps (n = teacher stages, L_i its
-    resnets per down stage i; the teacher's up stage of down stage i has L_i + 1 resnets):
-      down_blocks.i.{resnets,attentions}.k  <- teacher down_blocks.i.{..}.k       for k < L_i - 1
+    resnets per down stage i, K_i = max(L_i - 1, 1) the student's; an up stage has one resnet more than
+    its down stage):
+      down_blocks.i.{resnets,attentions}.k  <- teacher down_blocks.i.{..}.k       for k < K_i
       down_blocks.i.downsamplers.0          <- teacher down_blocks.i.downsamplers.0   (i < n - 2)
-      up_blocks.j.{resnets,attentions}.k    <- teacher up_blocks.(j+1).{..}.k      for k < L - 1
-      up_blocks.j.{resnets,attentions}.L-1  <- teacher up_blocks.(j+1).{..}.L      (skip from the stage below)
+      up_blocks.j.{resnets,attentions}.k    <- teacher up_blocks.(j+1).{..}.k      for k < K
+      up_blocks.j.{resnets,attentions}.K    <- teacher up_blocks.(j+1).{..}.L      (skip from the stage below)
       up_blocks.j.upsamplers.0              <- teacher up_blocks.(j+1).upsamplers.0   (j < n - 2)
     Modules outside the blocks (conv_in, time_embedding, conv_norm_out, conv_out, ...) keep their names."""
     n = len(teacher_config["down_block_types"])
@@ -164,16 +170,17 @@ def block_map(teacher_config: dict) -> dict[str, str]:
     for i in range(n - 1):
         kinds = ["resnets", "attentions"] if "CrossAttn" in student["down_block_types"][i] else ["resnets"]
         for kind in kinds:
-            for k in range(layers[i] - 1):
+            for k in range(_kept_resnets(layers[i])):
                 mapping[f"down_blocks.{i}.{kind}.{k}"] = f"down_blocks.{i}.{kind}.{k}"
         if i < n - 2:
             mapping[f"down_blocks.{i}.downsamplers.0"] = f"down_blocks.{i}.downsamplers.0"
     for j in range(n - 1):
-        m = layers[n - 2 - j]  # the student's up block j has m resnets, its teacher block m + 1
+        teacher_resnets = layers[n - 2 - j]  # the teacher's up block j + 1 has this + 1 resnets
+        kept = _kept_resnets(teacher_resnets)  # the student's up block j has kept + 1
         kinds = ["resnets", "attentions"] if "CrossAttn" in student["up_block_types"][j] else ["resnets"]
         for kind in kinds:
-            for k in range(m):
-                mapping[f"up_blocks.{j}.{kind}.{k}"] = f"up_blocks.{j + 1}.{kind}.{k if k < m - 1 else m}"
+            for k in range(kept + 1):
+                mapping[f"up_blocks.{j}.{kind}.{k}"] = f"up_blocks.{j + 1}.{kind}.{k if k < kept else teacher_resnets}"
         if j < n - 2:
             mapping[f"up_blocks.{j}.upsamplers.0"] = f"up_blocks.{j + 1}.upsamplers.0"
     return mapping
@@ -186,9 +193,11 @@ def removed_prefixes(teacher_config: dict) -> list[str]:
     removed = ["mid_block.", f"down_blocks.{n - 1}.", "up_blocks.0.", f"down_blocks.{n - 2}.downsamplers.",
                "down_blocks.0.attentions.", f"up_blocks.{n - 1}.attentions."]
     for i in range(n - 1):
-        removed += [f"down_blocks.{i}.resnets.{layers[i] - 1}.", f"down_blocks.{i}.attentions.{layers[i] - 1}."]
+        if layers[i] > 1:  # a single-resnet stage keeps its resnet (_kept_resnets)
+            removed += [f"down_blocks.{i}.resnets.{layers[i] - 1}.", f"down_blocks.{i}.attentions.{layers[i] - 1}."]
         m = layers[n - 2 - i]
-        removed += [f"up_blocks.{i + 1}.resnets.{m - 1}.", f"up_blocks.{i + 1}.attentions.{m - 1}."]
+        if m > 1:
+            removed += [f"up_blocks.{i + 1}.resnets.{m - 1}.", f"up_blocks.{i + 1}.attentions.{m - 1}."]
     return removed
 
 
