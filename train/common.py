@@ -62,6 +62,16 @@ SMOKE_PROMPTS = [
 # --- arguments and presets -----------------------------------------------------------------------
 
 
+# The mini reproduction's teacher (--preset mini's default --teacher): 64 px emoji, f=4 VAE, CFG U-Net.
+EMOJI_TEACHER = Path(__file__).resolve().parents[1] / "models" / "emoji-teacher"
+
+# What every stage's --preset mini shares: the emoji teacher's 64 px images on a 2-core CPU, fp32,
+# both cores, resumable every few minutes. [ours] throughout: the paper has no such scale.
+MINI_RUN = dict(
+    resolution=64, num_samples=0, sampler_steps=25, guidance_scale=4.0, grad_accum=1, lr_warmup_steps=50,
+    mixed_precision="no", gradient_checkpointing=False, num_threads=0, keep_checkpoints=2, log_every=10,
+)
+
 # What every stage's --preset smoke shares: tiny data, fp32, one thread, a log row every step.
 SMOKE_RUN = dict(
     resolution=64, num_samples=8, sampler_steps=2, guidance_scale=2.0, batch_size=4, grad_accum=1, lr_warmup_steps=0,
@@ -73,8 +83,9 @@ SMOKE_RUN = dict(
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Flags every stage shares. Those whose help ends in "(preset)" default to the --preset's value (parse_args)."""
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", required=True, choices=["smoke", "paper"],
-                     help="smoke: tiny models, seconds on a CPU (what the tests run); paper: SD-scale defaults for GPUs. "
+    run.add_argument("--preset", required=True, choices=["smoke", "mini", "paper"],
+                     help="smoke: tiny models, seconds on a CPU (what the tests run); mini: the bundled emoji teacher on a CPU "
+                          "(train/reproduce_mini.py); paper: SD-scale defaults for GPUs. "
                           "Every flag showing [preset ...] takes the chosen preset's value unless given.")
     run.add_argument("--output_dir", required=True, help="run folder: checkpoints/, samples/, log.csv, loss_curve.png, final/")
     run.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation (default 0)")
@@ -191,10 +202,12 @@ def quiet_libraries() -> None:
 
 
 def resolve_teacher(teacher: str | None, preset: str, output_dir: Path, accelerator) -> str:
-    """--teacher, or under --preset smoke without one, a tiny random SD-style teacher built once in
-    OUTPUT_DIR/tiny-teacher (train/tiny_teacher.py)."""
+    """--teacher, or without one: under --preset smoke a tiny random SD-style teacher built once in
+    OUTPUT_DIR/tiny-teacher (train/tiny_teacher.py), under --preset mini the bundled models/emoji-teacher."""
     if teacher:
         return teacher
+    if preset == "mini":
+        return str(EMOJI_TEACHER)
     if preset != "smoke":
         raise SystemExit("--teacher is required with --preset paper: a hub id or diffusers folder of an SD-style pipeline, "
                          "e.g. Lykon/dreamshaper-8 (SD-1.5 family) or an SD-2.1-base folder.")
@@ -232,6 +245,17 @@ def resolve_model(model: str, flag: str, *, subfolders_with_weights: tuple[str, 
     except ModelNotFoundError as err:
         message = str(err).replace("--model", flag).replace(f" ({', '.join(MODELS)})", "")
         raise SystemExit(f"error: {flag} {model}: {message}") from None
+
+
+def vae_factor(vae_config) -> int:
+    """Pixels per latent side of an AutoencoderKL config: 2 ** (stages - 1); 8 for SD, 4 for the emoji teacher."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def teacher_vae_factor(root: Path) -> int:
+    """vae_factor of a teacher pipeline folder's AutoencoderKL (vae_large/ in the SDXS layout, else vae/)."""
+    vae_dir = root / "vae_large" if (root / "vae_large").is_dir() else root / "vae"
+    return vae_factor(json.loads((vae_dir / "config.json").read_text()))
 
 
 def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: bool = True, flag: str = "--teacher") -> Teacher:
@@ -632,7 +656,7 @@ def build_latent_cache(teacher: Teacher, source: Source, folder: Path, *, resolu
     if cache_is_complete(folder):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    device, sf, side = accelerator.device, teacher.vae.config.scaling_factor, resolution // 8
+    device, sf, side = accelerator.device, teacher.vae.config.scaling_factor, resolution // vae_factor(teacher.vae.config)
     todo = [i for i in range(len(source.prompts)) if i % accelerator.num_processes == accelerator.process_index
             and not (folder / f"{i:07d}.pt").is_file()]
     uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""]) if source.mode == "sample" else None

@@ -50,6 +50,11 @@ PRESETS = {
         vae_channels=16, decoder_blocks=(1, 1, 1, 1), encoder_blocks=(1, 1, 1, 1), train_encoder=True,
         lambda_gan=0.1, gan_start_step=10, disc_channels=16, disc_layers=2, disc_lr=1e-3,
     ),
+    "mini": dict(  # the emoji teacher's f=4 VAE (train/reproduce_mini.py); [ours] throughout
+        **common.MINI_RUN, batch_size=32, lr=1e-3, ema_decay=0.999, max_steps=800, checkpoint_every=200, sample_every=400,
+        vae_channels=32, decoder_blocks=(3, 3, 1), encoder_blocks=(1, 3, 3),  # TAESD's pattern, one stage fewer (f=4): 0.21 M decoder
+        train_encoder=True, lambda_gan=0.1, gan_start_step=400, disc_channels=32, disc_layers=2, disc_lr=2e-4,
+    ),
     "paper": dict(
         resolution=512,  # [paper] SDXS-512
         num_samples=0,  # all prompts given
@@ -109,7 +114,8 @@ class PatchDiscriminator(nn.Module):
 
 
 def l1_downsampled(fake: torch.Tensor, target: torch.Tensor, factor: int = 8) -> torch.Tensor:
-    """Eq. 5, first term: || down8(G(z)) - down8(x~) ||_1 (area downsampling)."""
+    """Eq. 5, first term: || down8(G(z)) - down8(x~) ||_1 (area downsampling to the latent resolution:
+    `factor` is the VAE's, 8 for SD)."""
     return F.l1_loss(F.avg_pool2d(fake.float(), factor), F.avg_pool2d(target.float(), factor))
 
 
@@ -138,13 +144,13 @@ def gan_weight(step: int, lambda_gan: float, gan_start_step: int) -> float:
 
 
 def decoder_step(decoder, encoder, disc, latents: torch.Tensor, teacher_images: torch.Tensor, *, lambda_gan: float,
-                 encoder_weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                 encoder_weight: float, factor: int = 8) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The decoder's loss on one micro-batch, Eq. 5: L1(down8(G(z)), down8(x~)) + lambda_GAN * L_GAN(D(G(z))),
     x~ = the teacher decoder's image of the same latents z; plus, with an encoder, encoder_weight * MSE(E(x~), z).
     `disc` (the unwrapped D) is frozen while it judges G(z): its own update is discriminator_step's.
     Returns (the loss terms and their total "loss", G(z) for D's step)."""
     fake = decoder(latents)
-    losses = {"loss_l1": l1_downsampled(fake, teacher_images)}  # Eq. 5, L1 term
+    losses = {"loss_l1": l1_downsampled(fake, teacher_images, factor)}  # Eq. 5, L1 term
     loss = losses["loss_l1"]
     if lambda_gan > 0:
         disc.requires_grad_(False)  # G's step must not touch D
@@ -223,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     # resolved now, to fail early rather than after training
     pipeline_base = (None if args.pipeline_base == "none" else teacher_root if args.pipeline_base == "teacher"
                      else common.resolve_model(args.pipeline_base, "--pipeline_base", subfolders_with_weights=("unet", "text_encoder", "vae")))
+    factor = common.teacher_vae_factor(teacher_root)  # the student decodes the teacher's latents: same upscaling
+    stages = factor.bit_length()  # a TAESD-shaped decoder upsamples 2x between stages: factor = 2 ** (stages - 1)
+    if args.init_vae is None and (len(args.decoder_blocks), len(args.encoder_blocks)) != (stages, stages):
+        raise SystemExit(f"error: the teacher's VAE works at {factor}x ({args.resolution} px images, {args.resolution // factor} px "
+                         f"latents), so the student needs {stages} decoder and encoder stages; got --decoder_blocks "
+                         f"{','.join(map(str, args.decoder_blocks))} and --encoder_blocks {','.join(map(str, args.encoder_blocks))}. "
+                         f"Give e.g. --decoder_blocks {','.join(['3'] * (stages - 1) + ['1'])} --encoder_blocks {','.join(['1'] + ['3'] * (stages - 1))}.")
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, args.latents, args.num_samples,
                                  common.SMOKE_PROMPTS if args.preset == "smoke" else None, max_bad_fraction=args.max_bad_fraction)
     cache = common.cache_folder(args.cache_dir or output_dir / "cache", teacher_root, source, resolution=args.resolution,
@@ -300,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_images = batch["image"].to(accelerator.device)  # x~: the teacher decoder's image of these z (cached)
             with accelerator.accumulate(*models, disc):
                 losses, fake = decoder_step(decoder, encoder, raw_disc, z, teacher_images, lambda_gan=lambda_gan,
-                                            encoder_weight=args.encoder_weight)
+                                            encoder_weight=args.encoder_weight, factor=factor)
                 accelerator.backward(losses["loss"])
                 add_mean(sums, losses, args.grad_accum)
                 if accelerator.sync_gradients:

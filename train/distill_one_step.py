@@ -64,6 +64,16 @@ PRESETS = {
         online_lr=1e-4, online_updates_per_step=1, real_guidance=1.75, t_range="0.02,0.98", sd_weighting="dmd2",
         alpha_start=0.9, alpha_end=0.5, lambda_fm_start=1.0, lambda_fm_end=0.25, schedule_steps=10,
     ),
+    "mini": dict(  # the emoji teacher and stage B's student (train/reproduce_mini.py); [ours] unless marked
+        **{**common.MINI_RUN, "sampler_steps": 10, "num_samples": 2048},  # 2,048 (noise, psi) pairs
+        batch_size=32, lr=1e-4, ema_decay=0.999, max_steps=1000,
+        checkpoint_every=100, sample_every=200,
+        psi_scheduler="dpmsolver++",  # psi: 10 DPM-Solver++ steps of the teacher with its CFG 4 (no straightened teacher exists)
+        pairs="cache", fm_encoder="unet", fm_layers="0,1,2", fm_weights="1,1,1", fm_timestep=10, fm_ssim_window=7,
+        fm_warmup_steps=250, online_lr=1e-4, online_updates_per_step=1,  # Alg. 1: one online update per student update
+        real_guidance=4.0, t_range="0.02,0.98", sd_weighting="dmd2",  # the teacher's own CFG scale
+        alpha_start=0.95, alpha_end=0.75, lambda_fm_start=1.0, lambda_fm_end=0.25, schedule_steps=500,
+    ),
     "paper": dict(
         resolution=512,  # [paper] SDXS-512
         num_samples=0,  # all prompts given
@@ -471,14 +481,16 @@ class StepSettings:
     lambda_fm: tuple[float, float]  # (start, end)
 
 
-def step_settings(args: argparse.Namespace, scheduler_config: dict, *, uncond: torch.Tensor, device: torch.device) -> StepSettings:
+def step_settings(args: argparse.Namespace, scheduler_config: dict, *, uncond: torch.Tensor, device: torch.device,
+                  vae_factor: int = 8) -> StepSettings:
     """The StepSettings of a run: its flags, and the teacher's noise schedule from its SCHEDULER config
-    (T included: a U-Net config has no num_train_timesteps; 1000 is diffusers' default when it is unset)."""
+    (T included: a U-Net config has no num_train_timesteps; 1000 is diffusers' default when it is unset).
+    `vae_factor`: pixels per latent side of the teacher's VAE (common.vae_factor)."""
     from diffusers import DDPMScheduler
 
     T = int(scheduler_config.get("num_train_timesteps", 1000))
     t_lo, t_hi = (round(v * (T - 1)) for v in parse_list(args.t_range))
-    side = args.resolution // 8
+    side = args.resolution // vae_factor
     return StepSettings(
         num_train_timesteps=T, t_lo=t_lo, t_hi=t_hi, latent_shape=(4, side, side),
         abar=DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(device),  # the teacher's betas, for x_t
@@ -820,7 +832,7 @@ def pair_dataset(args, psi: Psi, psi_root: Path, teacher: common.Teacher, source
     folder = Path(args.cache_dir or output_dir / "cache") / f"pairs-{digest}"
     build_pair_cache(psi.unet, teacher.tokenizer, teacher.text_encoder, psi.scheduler_config, source.prompts, folder,
                      psi_scheduler=psi.scheduler, steps=psi.steps, guidance_scale=psi.guidance_scale,
-                     side=args.resolution // 8, seed=args.seed, batch_size=args.cache_batch_size, accelerator=accelerator)
+                     side=args.resolution // common.vae_factor(teacher.vae.config), seed=args.seed, batch_size=args.cache_batch_size, accelerator=accelerator)
     return Pairs(folder=folder)
 
 
@@ -865,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     if main_process and source.report is not None:
         common.write_data_report(output_dir, {"data": source.report})
     dataset = pair_dataset(args, psi, psi_root, teacher, source, output_dir, accelerator)
-    settings = step_settings(args, teacher.scheduler_config, uncond=uncond, device=device)
+    settings = step_settings(args, teacher.scheduler_config, uncond=uncond, device=device, vae_factor=common.vae_factor(teacher.vae.config))
 
     def states_of(prompts):
         return common.encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)

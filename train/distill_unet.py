@@ -56,6 +56,10 @@ PRESETS = {
         **common.SMOKE_RUN, lr=1e-3, max_steps=30, checkpoint_every=10,
         lambda_feat=1.0, caption_dropout=0.1, sample_steps=2, sample_guidance=2.0,
     ),
+    "mini": dict(  # the emoji teacher (train/reproduce_mini.py); [ours] throughout
+        **common.MINI_RUN, batch_size=64, lr=2e-4, ema_decay=0.999, max_steps=800, checkpoint_every=200, sample_every=400,
+        lambda_feat=1.0, caption_dropout=0.1, sample_steps=25, sample_guidance=4.0,  # the teacher's own CFG scale
+    ),
     "paper": dict(
         resolution=512,  # [paper] SDXS-512
         num_samples=0,  # all prompts given
@@ -429,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = common.Progress(args.max_steps, start_step, "stage B U-Net", enabled=accelerator.is_local_main_process)
 
     val_prompts = [dataset[i % len(dataset)]["prompt"] for i in range(args.num_sample_images)]
-    side = args.resolution // 8
+    side = args.resolution // common.vae_factor(teacher.vae.config)
     val_noise = torch.randn(len(val_prompts), 4, side, side, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     teacher_row = []  # the teacher's samples never change: computed once
 

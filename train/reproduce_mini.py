@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""The SDXS recipe end to end on the bundled emoji teacher, on a CPU: the mini reproduction (issue 14).
+
+    python train/emoji_data.py --out data/emoji                          # the data, once
+    python train/reproduce_mini.py --output_dir outputs/mini             # stages A, B, C, ablation, table
+    python train/reproduce_mini.py --output_dir outputs/mini-smoke --smoke   # every step on tiny settings (CI)
+
+Each stage is the same script a researcher runs at paper scale, with `--preset mini`:
+
+1. stage A, `train/distill_decoder.py`: a tiny decoder for the teacher's f=4 VAE (Eq. 5);
+2. stage B, `train/distill_unet.py`: the block-removed student U-Net (no mid block, no last stage),
+   output + feature KD from the teacher (Eqs. 6-8), with stage A's decoder as its vae/;
+3. stage C, `train/distill_one_step.py`: the one-step generator from stage B's student, feature-matching
+   warm-up then segmented score distillation (Eqs. 10-12); psi = 10 DPM-Solver++ steps of the teacher
+   with its CFG 4 (see train/README.md for why);
+4. stage C through its warm-up only (OUTPUT_DIR/one-step-warmup: the table's "FM warm-up only" row);
+5. the ablation: stage C again without the FM warm-up (`--fm_warmup_steps 0`), same steps and pairs;
+6. the table: `train/evaluate_stages.py` scores every stage on the val split.
+
+Resumable stage by stage: a stage whose `final/` exists is skipped, a killed stage continues from its last
+checkpoint (`--resume latest`), the caches are shared (OUTPUT_DIR/cache). The final mini SDXS is
+OUTPUT_DIR/one-step/final (`python -m sdxs generate --model OUTPUT_DIR/one-step/final ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train.distill_one_step import PRESETS as PRESETS_ONE_STEP  # noqa: E402
+TEACHER = ROOT / "models" / "emoji-teacher"
+
+# What --smoke changes in each stage's --preset mini: tiny data and steps, same code path.
+SMOKE_DATA = ["--num_samples", "8", "--batch_size", "4", "--log_every", "1", "--sample_every", "0", "--checkpoint_every", "1"]
+SMOKE = {
+    "decoder": SMOKE_DATA + ["--max_steps", "3", "--gan_start_step", "1", "--lr_warmup_steps", "0"],
+    "unet": SMOKE_DATA + ["--max_steps", "2", "--sample_steps", "2", "--lr_warmup_steps", "0"],
+    "one-step": SMOKE_DATA + ["--max_steps", "3", "--fm_warmup_steps", "1", "--schedule_steps", "2", "--sampler_steps", "2",
+                              "--lr_warmup_steps", "0"],
+}
+SMOKE_EVAL = ["--num_images", "8", "--teacher_steps", "2", "--latency_runs", "2"]
+
+
+def stage_commands(out: Path, data: Path, teacher: Path, *, smoke: bool, ablation: bool) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every training run, in order; each writes OUTPUT_DIR/<name>/final."""
+    shared = ["--preset", "mini", "--teacher", str(teacher), "--image_folder", str(data / "train"),
+              "--cache_dir", str(out / "cache"), "--resume", "latest"]
+    tiny = str(out / "decoder" / "final" / "vae")
+
+    def run(script: str, name: str, *extra: str) -> tuple[str, list[str]]:
+        key = "one-step" if name.startswith("one-step") else name
+        # the stage's own flags last: they win over --smoke's (the ablation's --fm_warmup_steps 0)
+        return name, [f"train/{script}", *shared, "--output_dir", str(out / name), *(SMOKE[key] if smoke else []), *extra]
+
+    commands = [
+        run("distill_decoder.py", "decoder"),
+        run("distill_unet.py", "unet", "--tiny_decoder", tiny),
+        run("distill_one_step.py", "one-step", "--student", str(out / "unet" / "final"), "--tiny_decoder", tiny),
+    ]
+    # the "FM warm-up only" row: stage C run just through its warm-up (the main run's checkpoints of that
+    # step are rotated out); same settings and pairs, so the same student as the main run at that step
+    warmup = "1" if smoke else str(PRESETS_ONE_STEP["mini"]["fm_warmup_steps"])
+    commands.append(run("distill_one_step.py", "one-step-warmup", "--student", str(out / "unet" / "final"),
+                        "--tiny_decoder", tiny, "--max_steps", warmup))
+    if ablation:
+        commands.append(run("distill_one_step.py", "one-step-no-warmup", "--student", str(out / "unet" / "final"),
+                            "--tiny_decoder", tiny, "--fm_warmup_steps", "0"))
+    return commands
+
+
+def run_stage(name: str, argv: list[str], out: Path) -> float:
+    """Run one stage (skipped when its final/ exists); returns its wall time in seconds (0 when skipped)."""
+    if (out / name / "final" / "model_index.json").is_file():
+        print(f"[reproduce_mini] {name}: done before ({out / name / 'final'}), skipped", file=sys.stderr, flush=True)
+        return 0.0
+    print(f"[reproduce_mini] {name}: python {' '.join(argv)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"[reproduce_mini] {name} stopped with exit code {result.returncode}; its output is above. "
+                         f"Fix the cause and run the same command again: finished stages are skipped and this one resumes "
+                         f"from its last checkpoint in {out / name / 'checkpoints'}.")
+    return time.perf_counter() - started
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train/reproduce_mini.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="run folder: decoder/, unet/, one-step/, ..., eval/")
+    parser.add_argument("--data", default="data/emoji", help="the emoji imagefolder with train/ and val/ (default data/emoji)")
+    parser.add_argument("--teacher", default=str(TEACHER), help="the multi-step teacher pipeline (default models/emoji-teacher)")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings: every stage and the evaluation in about a minute")
+    parser.add_argument("--no_ablation", action="store_true", help="skip the one-step run without the FM warm-up")
+    parser.add_argument("--no_eval", action="store_true", help="train only; run train/evaluate_stages.py later")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out, data, teacher = Path(args.output_dir).resolve(), Path(args.data).resolve(), Path(args.teacher).resolve()
+    for split in ("train", "val"):
+        if not (data / split / "metadata.jsonl").is_file():
+            raise SystemExit(f"--data {args.data}: no {split}/metadata.jsonl. Build the emoji data first: "
+                             f"python train/emoji_data.py --out {args.data}")
+    if not (teacher / "model_index.json").is_file():
+        raise SystemExit(f"--teacher {args.teacher}: not a pipeline folder (no model_index.json).")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, stage_argv in stage_commands(out, data, teacher, smoke=args.smoke, ablation=not args.no_ablation):
+        seconds = run_stage(name, stage_argv, out)
+        if seconds:
+            print(f"[reproduce_mini] {name}: {seconds / 60:.1f} min", file=sys.stderr, flush=True)
+    if not args.no_eval:
+        eval_argv = ["train/evaluate_stages.py", "--run", str(out), "--data", str(data), "--teacher", str(teacher),
+                     "--out", str(out / "eval"), *(SMOKE_EVAL if args.smoke else [])]
+        print(f"[reproduce_mini] evaluation: python {' '.join(eval_argv)}", file=sys.stderr, flush=True)
+        if subprocess.run([sys.executable, *eval_argv], cwd=ROOT).returncode != 0:
+            raise SystemExit("[reproduce_mini] the evaluation failed; its output is above. The trained stages are kept.")
+    print(f"[reproduce_mini] done: the mini SDXS is {out / 'one-step' / 'final'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
