@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdxs.engine import BACKENDS, MAX_IMAGES
-from sdxs.registry import DEFAULT_MODEL, MODELS, SKETCH_MODEL
+from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, SKETCH_MODEL
 from sdxs.validation import MAX_SEED, clean_prompt, open_image, parse_count, parse_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -89,8 +89,22 @@ def read_sketch(path: str):
     return image
 
 
-def cmd_generate(args) -> int:
+def load_engine(args):
+    """--model when given (its failure is an error); without it, text-to-image runs the default
+    model or, when that cannot be found offline, the built-in one; sketch mode the sketch model."""
     from sdxs.engine import SDXSEngine
+    from sdxs.webapp import load_default_or_builtin
+
+    options = dict(device=args.device, dtype=args.dtype, base=args.base, backend=args.backend)
+    if args.model is not None:
+        return SDXSEngine.from_pretrained(args.model, **options)
+    if args.sketch:  # no built-in sketch model (yet): the released one or an error
+        return SDXSEngine.from_pretrained(SKETCH_MODEL, **options)
+    return load_default_or_builtin(**options)
+
+
+def cmd_generate(args) -> int:
+    from sdxs.webapp import prompt_for
 
     prompt, notes = clean_prompt(args.prompt)
     for note in notes:
@@ -99,8 +113,11 @@ def cmd_generate(args) -> int:
         raise ValueError("--width and --height do not apply to --sketch: sketch mode makes images at the model's native size.")
     check_output(args.out)
     sketch = read_sketch(args.sketch) if args.sketch else None
-    model = args.model or (SKETCH_MODEL if args.sketch else DEFAULT_MODEL)
-    engine = SDXSEngine.from_pretrained(model, device=args.device, dtype=args.dtype, base=args.base, backend=args.backend)
+    engine = load_engine(args)
+    model_prompt = prompt_for(engine, prompt)  # the built-in model's template: "an emoji of ..."
+    if model_prompt != prompt:
+        print(f"note: the prompt as the model reads it: {model_prompt!r}", file=sys.stderr)
+    prompt = model_prompt
     # decoder None: the model's fastest; width/height None: its native size.
     common = dict(seed=args.seed, num_images=args.n, decoder=args.decoder, num_inference_steps=args.steps, guidance_scale=args.guidance)
     if sketch is not None:
@@ -140,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     known = ", ".join(MODELS)
 
     gen = sub.add_parser("generate", help="generate images in one step", description="Generate images in one step.")
-    gen.add_argument("--model", default=None, help=f"hub id or local diffusers folder (default {DEFAULT_MODEL}, or {SKETCH_MODEL} with --sketch; known: {known})")
+    gen.add_argument("--model", default=None, help=f"hub id, local diffusers folder, or '{BUILTIN_MODEL}' for the built-in 64 px emoji model "
+                     f"(default {DEFAULT_MODEL}, or the built-in model when that is neither cached nor downloadable; {SKETCH_MODEL} "
+                     f"with --sketch; known: {known})")
     gen.add_argument("--base", default=None, help="base pipeline for a LoRA or bare ControlNet folder (default: the registry's or the adapter's own)")
     gen.add_argument("--prompt", required=True, help="text prompt (longer than 77 CLIP tokens is truncated, with a warning; empty is allowed, with a note)")
     gen.add_argument("--seed", type=_argument(parse_seed), default=0, help=f"seed of the first image, 0..{MAX_SEED}; image i uses seed+i (default 0)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdxs.registry import DEFAULT_MODEL, MODELS
+from sdxs.registry import BUILTIN, DEFAULT_MODEL, MODELS
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ def _how_to_fix(model: str) -> str:
 
 
 def resolve_model_dir(model: str | os.PathLike, *, subfolders_with_weights: tuple[str, ...] = ()) -> Path:
-    """A local folder holding `model`: the folder itself, or a hub snapshot in the HF cache."""
+    """A local folder holding `model`: a built-in model's folder (its short name, e.g. "mini", wins
+    over a folder of that name: pass ./mini for that), the folder itself, or a hub snapshot in the HF cache."""
+    if str(model) in BUILTIN:
+        return builtin_dir(str(model))
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -100,6 +103,18 @@ def resolve_model_dir(model: str | os.PathLike, *, subfolders_with_weights: tupl
             f"Could not find or download model '{name}'{offline}: {type(err).__name__}: {reason}\n{_how_to_fix(name)}"
         ) from None
     return snapshot
+
+
+def builtin_dir(name: str) -> Path:
+    """The folder of the built-in model `name`, shipped with this repository."""
+    folder = BUILTIN[name].folder
+    if not (folder / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"The built-in model '{name}' should be in this repository's models/{folder.name}/, but "
+            f"{'that folder has no model_index.json' if folder.is_dir() else 'that folder is missing'}: the checkout is "
+            f"incomplete. Restore it (`git checkout -- models/{folder.name}`, or clone the repository again)."
+        )
+    return folder
 
 
 @dataclass
@@ -322,7 +337,7 @@ def load_components(model: str | os.PathLike, device: torch.device, dtype: torch
 
     spec = MODELS.get(str(model))
     is_adapter_repo = spec is not None and spec.kind in ("lora", "controlnet")
-    local = Path(model).expanduser().is_dir()
+    local = Path(model).expanduser().is_dir() or str(model) in BUILTIN  # a folder on this disk
     root = resolve_model_dir(model, subfolders_with_weights=("",) if is_adapter_repo else _PIPELINE_WEIGHTS)
     if (root / "adapter_config.json").is_file():
         base = base or (spec.base if spec else None) or (read_json(root / "adapter_config.json") or {}).get("base_model_name_or_path")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sdxs import architectures as arch
 
@@ -99,6 +100,62 @@ TINY = Architecture(
     vae_large=arch.TINY_SD_VAE,
     controlnet=arch.TINY_CONTROLNET,
 )
+
+
+# --- the built-in model: shipped in this repository, run when the hub is out of reach ------------------
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A one-step model folder in this repository's models/, picked by a short name (--model mini).
+
+    `prompt_template` turns a short prompt into the caption form the model was trained on;
+    `native_size` is what the folder's configs give (checked by a test), stated here so the
+    registry can say what the model makes without loading it."""
+
+    name: str
+    title: str
+    folder: Path
+    native_size: int
+    prompt_template: str  # "{prompt}" is replaced by the user's prompt
+    description: str
+    examples: tuple[str, ...] = ()
+
+    @property
+    def prompt_prefix(self) -> str:
+        """What every expanded prompt starts with ("an emoji of")."""
+        return self.prompt_template.split("{prompt}")[0].strip()
+
+    def expand_prompt(self, prompt: str) -> str:
+        """The prompt the model reads: "Red apple" -> "an emoji of red apple, google style" (lower case,
+        single spaces, as the training captions). A prompt already in the caption form (starting with
+        the template's prefix, any case) and an empty prompt are kept as written."""
+        if not prompt.strip() or prompt.strip().lower().startswith(self.prompt_prefix.lower()):
+            return prompt
+        return self.prompt_template.format(prompt=" ".join(prompt.lower().split()))
+
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # the repository's models/, as train/common.py's EMOJI_TEACHER
+BUILTIN_MODEL = "mini"
+BUILTIN: dict[str, BuiltinModel] = {
+    BUILTIN_MODEL: BuiltinModel(
+        name=BUILTIN_MODEL,
+        title="Mini SDXS (64 px emoji)",
+        folder=MODELS_DIR / "mini-sdxs",
+        native_size=64,
+        # The emoji captions (train/emoji_data.py build_caption) read "an emoji of <name>, <short names>,
+        # category ..., subcategory ..., google style|twitter style": a short prompt gets the two parts
+        # every caption has, the opening and one style (google, the first style of the data set).
+        prompt_template="an emoji of {prompt}, google style",
+        description="One-step 64x64 emoji, distilled from models/emoji-teacher by train/ stages A-C; runs on any CPU.",
+        examples=("grinning face", "red apple", "smiling face with sunglasses", "slice of pizza", "rocket", "ghost"),
+    ),
+}
+
+
+def builtin_model(name: str) -> BuiltinModel | None:
+    """The built-in model a short name (or an engine's name) stands for, else None."""
+    return BUILTIN.get(str(name))
 
 
 def get_spec(model_id: str) -> ModelSpec:

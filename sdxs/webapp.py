@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdxs.engine import BACKENDS, Generation, SDXSEngine
 from sdxs.loading import ModelNotFoundError
-from sdxs.registry import MODELS
+from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, builtin_model
 from sdxs.validation import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,14 @@ except ImportError:  # pragma: no cover - depends on the environment
         return fn
 
 
-def add_common_flags(parser: argparse.ArgumentParser, default_model: str) -> argparse.ArgumentParser:
-    parser.add_argument("--model", default=default_model, help=f"hub id or local diffusers folder (default {default_model})")
+def add_common_flags(parser: argparse.ArgumentParser, default_model: str, *, builtin_fallback: bool = False) -> argparse.ArgumentParser:
+    """The flags both apps share. `builtin_fallback`: --model defaults to None, which loads
+    `default_model` or, when that cannot be found, the built-in model (load_default_or_builtin)."""
+    if builtin_fallback:
+        parser.add_argument("--model", default=None, help=f"hub id, local diffusers folder, or '{BUILTIN_MODEL}' for the built-in 64 px "
+                            f"emoji model (default {default_model}; the built-in model when that is neither cached nor downloadable)")
+    else:
+        parser.add_argument("--model", default=default_model, help=f"hub id or local diffusers folder (default {default_model})")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--backend", default="auto", choices=list(BACKENDS), help="auto: OpenVINO on a CPU when installed, else PyTorch; openvino-bf16 is a faster, slightly different option on CPUs with native bf16")
@@ -73,11 +79,56 @@ def configure_console() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
 
+# How to get the full model, for the fallback's log line and page notice.
+FULL_MODEL_HINT = (
+    f"For the full 512 px model, start once with network (it is then kept in the Hugging Face cache: HF_HOME, "
+    f"~/.cache/huggingface by default) or fetch it with `hf download {DEFAULT_MODEL}`; "
+    f"`--model {BUILTIN_MODEL}` runs the built-in model without trying the hub."
+)
+
+
+def load_default_or_builtin(**kwargs) -> SDXSEngine:
+    """What runs when no --model is given: DEFAULT_MODEL, else, when it cannot be found (offline and
+    not cached: a ModelNotFoundError), the built-in model, with one warning that says so. Other
+    errors (a bad --device, a corrupt model) are not hidden by the fallback. `kwargs` go to
+    SDXSEngine.from_pretrained."""
+    try:
+        return SDXSEngine.from_pretrained(DEFAULT_MODEL, **kwargs)
+    except ModelNotFoundError as err:
+        hub_error = err
+    reason = str(hub_error).splitlines()[0]
+    log.warning("No --model given, and the default model could not be loaded: %s Running the built-in model instead: %s. %s",
+                reason.rstrip(".") + ".", builtin_model(BUILTIN_MODEL).title, FULL_MODEL_HINT)
+    try:
+        return SDXSEngine.from_pretrained(BUILTIN_MODEL, **kwargs)
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"{hub_error}\nNote: the built-in model '{BUILTIN_MODEL}', which runs when {DEFAULT_MODEL} "
+                                 f"cannot be loaded, could not be loaded either: {err}") from None
+
+
+def is_fallback(model_arg: str | None, engine: SDXSEngine) -> bool:
+    """The built-in model runs because no --model was given and the default could not be loaded."""
+    return model_arg is None and engine.name == BUILTIN_MODEL
+
+
+def fallback_notice() -> str:
+    """The page's notice (markdown) when the app runs the built-in model in place of the default."""
+    return (
+        f"**Running the built-in model, {builtin_model(BUILTIN_MODEL).title}:** the full model {DEFAULT_MODEL} could "
+        f"not be loaded (no network and not in the Hugging Face cache; the server log says why). {FULL_MODEL_HINT}"
+    )
+
+
 def load_engine_or_exit(args, **kwargs) -> SDXSEngine:
     """Load once at start-up (and warm up, so tracing/compiling is not a visitor's wait); on
-    failure print one actionable message (no traceback) and exit 2."""
+    failure print one actionable message (no traceback) and exit 2. `args.model` None (flags with
+    builtin_fallback): the default model, else the built-in one (load_default_or_builtin)."""
     try:
-        engine = SDXSEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend, **kwargs)
+        options = dict(device=args.device, dtype=args.dtype, backend=args.backend, **kwargs)
+        if args.model is None:
+            engine = load_default_or_builtin(**options)
+        else:
+            engine = SDXSEngine.from_pretrained(args.model, **options)
     except (ModelNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -122,10 +173,11 @@ def errors_as_messages():
         raise gr.Error(f"Generation failed on the server ({type(err).__name__}); the app is still running, try again.") from None
 
 
-def launch(demo, args, *, max_queue: int) -> None:
+def launch(demo, args, *, max_queue: int, css: str | None = None) -> None:
     """Serve `demo` (a gr.Blocks) as the flags say: loopback unless --host, uploads capped at
     MAX_UPLOAD_BYTES by Gradio itself, Gradio's temporary files (outputs, uploads) deleted once they
-    are TEMP_FILE_MAX_AGE_S old, and one line saying where it runs and who can reach it."""
+    are TEMP_FILE_MAX_AGE_S old, and one line saying where it runs and who can reach it. `css`: the
+    page's own style rules (Gradio takes them at launch)."""
     from PIL import Image
 
     # Anywhere in this server (Gradio's own decoding too) PIL then refuses images over twice this;
@@ -136,7 +188,7 @@ def launch(demo, args, *, max_queue: int) -> None:
     demo.delete_cache = (TEMP_FILE_MAX_AGE_S, TEMP_FILE_MAX_AGE_S)
     demo.queue(max_size=max_queue).launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
-        quiet=True, prevent_thread_lock=True,
+        quiet=True, prevent_thread_lock=True, css=css,
     )
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     log.info("Running on %s (%s).", demo.local_url, "this machine only" if loopback else f"bound to {args.host}: other machines can reach it")
@@ -146,9 +198,12 @@ def launch(demo, args, *, max_queue: int) -> None:
 
 
 def display_name(engine: SDXSEngine) -> str:
-    """The registry title for known ids; only the folder name for local folders (no machine paths)."""
+    """The registry title for known ids and the built-in model; only the folder name for local
+    folders (no machine paths)."""
     if engine.name in MODELS:
         return MODELS[engine.name].title
+    if builtin := builtin_model(engine.name):
+        return builtin.title
     return Path(engine.name).name or engine.name
 
 
@@ -157,13 +212,23 @@ def sketch_size(engine: SDXSEngine) -> int:
     return engine.native_size // engine.vae_scale_factor * engine.geometry.control_scale_factor
 
 
-def status_line(result: Generation, engine: SDXSEngine, seed: int, notes: list[str] = ()) -> str:
-    """One line of what was made and how long each stage took, then the notes (what was changed in
-    the request, engine warnings), one per line: the API's callers read them here too."""
+def prompt_for(engine: SDXSEngine, prompt: str) -> str:
+    """The prompt as `engine`'s model reads it: the built-in model's template applied to a short
+    prompt ("red apple" -> "an emoji of red apple, google style"), any other model's unchanged."""
+    builtin = builtin_model(engine.name)
+    return builtin.expand_prompt(prompt) if builtin else prompt
+
+
+def status_line(result: Generation, engine: SDXSEngine, seed: int, notes: list[str] = (), expanded_prompt: str | None = None) -> str:
+    """One line of what was made and how long each stage took, the prompt as the model read it when
+    a template expanded it, then the notes (what was changed in the request, engine warnings), one
+    per line: the API's callers read them here too."""
     t = result.timings
     line = (
         f"{len(result.images)} image(s) in **{t['total'] * 1000:.0f} ms** "
         f"(text encoder {t['text_encoder'] * 1000:.0f} ms, U-Net {t['unet'] * 1000:.0f} ms, "
         f"decoder {t['decoder'] * 1000:.0f} ms) · seed {seed} · {display_name(engine)} on {engine.device.type}"
     )
-    return "\n\n".join([line, *(f"Note: {note}" for note in notes)])
+    shown = (expanded_prompt or "").replace("`", "'")  # a code span: the prompt as typed, no markdown
+    expanded = [f"Prompt as the model read it: `{shown}`"] if expanded_prompt else []
+    return "\n\n".join([line, *expanded, *(f"Note: {note}" for note in notes)])

@@ -48,12 +48,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(script: Path, model: Path, log_path: Path, timeout: float = 180, args: tuple[str, ...] = ()):
-    """Run `python SCRIPT --model MODEL --port P [ARGS]` and yield its URL once it answers."""
+def serve(script: Path, model: Path | None, log_path: Path, timeout: float = 180, args: tuple[str, ...] = (), env: dict | None = None):
+    """Run `python SCRIPT --model MODEL --port P [ARGS]` (no --model when MODEL is None) and yield its
+    URL once it answers; `env` (default: this one) gets GRADIO_ANALYTICS_ENABLED=False, HF_HUB_OFFLINE=1."""
     port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    env = dict(os.environ if env is None else env, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    model_args = [] if model is None else ["--model", str(model)]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(script), "--model", str(model), "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, str(script), *model_args, "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}/"
         try:
             deadline = time.time() + timeout

@@ -45,10 +45,12 @@ def test_demo_builds(tiny_engine):
 
 
 def test_no_network_gives_one_actionable_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "app.py")], env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    # An explicit --model never falls back to the built-in model (that is for no --model: test_builtin_model.py).
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", "IDKiro/sdxs-512-dreamshaper"], env=offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "IDKiro/sdxs-512-dreamshaper" in proc.stderr and "--model" in proc.stderr
+    assert "IDKiro/sdxs-512-dreamshaper" in proc.stderr and "--model" in proc.stderr and "built-in" not in proc.stderr
 
 
 def test_style_variant_choice(tiny_engine, tiny_lora_dir):
