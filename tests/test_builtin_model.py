@@ -150,11 +150,15 @@ def test_generate_without_model_falls_back_with_one_warning(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("model", [DEFAULT_MODEL, "no/such-model", "missing-folder/"])
-def test_an_explicit_model_that_fails_never_falls_back(tmp_path, model):
-    proc = run(["-m", "sdxs", "generate", "--model", model, "--prompt", "red apple", "--out", "x.png", "--backend", "torch"], tmp_path)
-    assert proc.returncode == 2 and proc.stderr.count("error: ") == 1
+def test_an_explicit_model_that_fails_never_falls_back(tmp_path, capsys):
+    proc = run(["-m", "sdxs", "generate", "--model", DEFAULT_MODEL, "--prompt", "red apple", "--out", "x.png", "--backend", "torch"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("error: ") == 1 and f"Could not find or download model '{DEFAULT_MODEL}'" in proc.stderr
     assert "built-in" not in proc.stderr and warning_lines(proc.stderr) == [] and not (tmp_path / "x.png").exists()
+    from sdxs.cli import main  # a missing local folder: the same, in this process (no hub involved)
+
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "red apple", "--out", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "built-in" not in err and not (tmp_path / "y.png").exists()
 
 
 def test_generate_with_model_mini_uses_it_without_trying_the_hub(tmp_path):
