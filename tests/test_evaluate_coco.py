@@ -227,7 +227,7 @@ def independent_metrics(coco, image_dir, items, inception_weights, clip_dir, siz
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     def uint8(images):
-        return torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images])
+        return torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images])
 
     def square(path):
         image = Image.open(path).convert("RGB")

@@ -253,7 +253,10 @@ def prepare(args) -> Setup:
     from sdxs.loading import ModelNotFoundError, pick_device_and_dtype
     from train.fid_inception import InceptionWeightsError, default_weights_path, load_fid_inception
 
-    device, _ = pick_device_and_dtype(args.device, "fp32")
+    try:
+        device, _ = pick_device_and_dtype(args.device, "fp32")
+    except ValueError as err:  # e.g. --device cuda on a machine without a GPU
+        raise SystemExit(f"error: {err}") from None
     problems: list[str] = []
 
     def attempt(what: str, load):
@@ -309,6 +312,8 @@ def generated_features(setup: Setup, args) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate(args) -> dict:
+    from train.fid_inception import default_weights_path
+
     check_arguments(args)
     setup = prepare(args)
     start = time.perf_counter()
@@ -325,7 +330,7 @@ def evaluate(args) -> dict:
         "backend": setup.engine.backend,
         "dtype": str(setup.engine.dtype).removeprefix("torch."),
         "clip_model": args.clip,
-        "inception_weights": Path(args.inception_weights).name if args.inception_weights else "torch hub cache",
+        "inception_weights": str(args.inception_weights or default_weights_path()),
         "protocol": "COCO 2017 val, first N images by id, first caption each; FID: TF Inception pool_3, real images "
                     "centre-cropped and resized (bicubic) to the generated size; CLIP score: max(100 * mean cosine, 0)",
         "seconds": round(time.perf_counter() - start, 1),
