@@ -98,7 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny settings: every stage and the evaluation in about a minute")
     parser.add_argument("--no_ablation", action="store_true", help="skip the one-step run without the FM warm-up")
     parser.add_argument("--no_eval", action="store_true", help="train only; run train/evaluate_stages.py later")
+    parser.add_argument("--export", default=None,
+                        help="after the evaluation, copy the mini SDXS folder here (e.g. models/mini-sdxs; its README.md card is "
+                             "kept) with the stage table in training/, and the figures to --figures")
+    parser.add_argument("--figures", default="docs/mini", help="where --export puts the grid, plot and loss curves (default docs/mini)")
     return parser
+
+
+def export(out: Path, dest: Path, figures: Path) -> None:
+    """The final folder's model files to DEST (an existing README.md card stays), the stage table to
+    DEST/training/, and the sample grid, quality/latency plot and each stage's loss curve to FIGURES."""
+    import shutil
+
+    final = out / "one-step" / "final"
+    if not (out / "eval" / "stages.json").is_file():
+        raise SystemExit(f"--export needs the evaluation ({out / 'eval' / 'stages.json'}): run without --no_eval first.")
+    for path in sorted(final.rglob("*")):
+        if path.is_file():
+            target = dest / path.relative_to(final)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    (dest / "training").mkdir(parents=True, exist_ok=True)
+    for name in ("stages.md", "stages.json"):
+        shutil.copy2(out / "eval" / name, dest / "training" / name)
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "eval" / "grid.png", figures / "stages-grid.png")
+    shutil.copy2(out / "eval" / "stages.png", figures / "stages-quality-latency.png")
+    for stage in ("decoder", "unet", "one-step"):
+        if (out / stage / "loss_curve.png").is_file():
+            shutil.copy2(out / stage / "loss_curve.png", figures / f"loss-{stage}.png")
+    print(f"[reproduce_mini] exported {final} to {dest}, figures to {figures}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[reproduce_mini] evaluation: python {' '.join(eval_argv)}", file=sys.stderr, flush=True)
         if subprocess.run([sys.executable, *eval_argv], cwd=ROOT).returncode != 0:
             raise SystemExit("[reproduce_mini] the evaluation failed; its output is above. The trained stages are kept.")
+    if args.export:
+        export(out, Path(args.export), Path(args.figures))
     print(f"[reproduce_mini] done: the mini SDXS is {out / 'one-step' / 'final'}", file=sys.stderr)
     return 0
 

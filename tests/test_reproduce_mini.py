@@ -1,0 +1,190 @@
+"""The mini reproduction (issue 14): train/reproduce_mini.py --smoke runs every stage with --preset mini on
+the bundled emoji teacher, then train/evaluate_stages.py; and the pieces that make an f=4 teacher work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train import common, distill_decoder, distill_one_step, evaluate_stages, reproduce_mini  # noqa: E402
+
+TEACHER = ROOT / "models" / "emoji-teacher"
+COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "black", "cyan", "magenta", "brown"]
+
+
+def emoji_like_folder(root: Path) -> Path:
+    """An imagefolder with train/ and val/ in the emoji data's layout: 64 px images on white, captions in
+    its template. Content is irrelevant here: the smoke run tests the wiring, not quality."""
+    from PIL import Image, ImageDraw
+
+    for split, count in (("train", 10), ("val", 8)):
+        folder = root / split
+        folder.mkdir(parents=True)
+        rows = []
+        for i in range(count):
+            colour = COLOURS[(i + (split == "val")) % len(COLOURS)]
+            image = Image.new("RGB", (64, 64), "white")
+            ImageDraw.Draw(image).ellipse((8 + i, 8, 56, 56 - i), fill=colour)
+            image.save(folder / f"{i}.png")
+            rows.append({"file_name": f"{i}.png", "text": f"an emoji of {colour} circle {i}, category symbols, google style"})
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One `reproduce_mini.py --smoke` run (the CI variant), as a user runs it: its stderr and folder."""
+    root = tmp_path_factory.mktemp("mini")
+    data = emoji_like_folder(root / "data")
+    out = root / "run"
+    result = subprocess.run([sys.executable, "train/reproduce_mini.py", "--output_dir", str(out), "--data", str(data), "--smoke"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, data, result.stderr
+
+
+def test_smoke_run_trains_every_stage_through_the_mini_preset_and_writes_the_table(smoke_run):
+    out, _, log = smoke_run
+    for name in ("decoder", "unet", "one-step", "one-step-warmup", "one-step-no-warmup"):
+        assert (out / name / "final" / "model_index.json").is_file(), name
+    report = json.loads((out / "eval" / "stages.json").read_text())
+    keys = [r["key"] for r in report["rows"]]
+    assert keys == ["teacher", "teacher_tiny_decoder", "student_multi_step", "one_step_fm_only", "mini_sdxs", "ablation_no_fm_warmup"]
+    rows = {r["key"]: r for r in report["rows"]}
+    # cumulative rows: the tiny decoder replaces the teacher's, the student U-Net is the block-removed one
+    assert rows["teacher_tiny_decoder"]["parameters"]["decoder"] < rows["teacher"]["parameters"]["decoder"]
+    assert rows["teacher_tiny_decoder"]["parameters"]["unet"] == rows["teacher"]["parameters"]["unet"] == 6_715_588
+    assert rows["student_multi_step"]["parameters"]["unet"] == rows["mini_sdxs"]["parameters"]["unet"] == 2_963_780
+    assert rows["mini_sdxs"]["steps"] == 1 and rows["teacher"]["steps"] == 2 and rows["teacher"]["guidance"] == 4.0
+    assert len(report["targets"]) == 3 and report["settings"]["n_val"] == 8
+    for name in ("stages.md", "stages.png", "grid.png"):
+        assert (out / "eval" / name).stat().st_size > 0
+    assert "| + score distillation: mini SDXS (stage C) | 1 |" in (out / "eval" / "stages.md").read_text()
+
+
+def test_stages_are_wired_to_each_other(smoke_run):
+    """Stage B and C ship stage A's decoder, stage C starts from stage B's student, the ablation has no
+    FM warm-up while the main run has one, and the warm-up-only run stops at the end of the warm-up."""
+    out, _, _ = smoke_run
+    config = {name: json.loads((out / name / "checkpoints").glob("step-*/meta.json").__next__().read_text())["config"]
+              for name in ("unet", "one-step", "one-step-warmup", "one-step-no-warmup")}
+    tiny = str(out / "decoder" / "final" / "vae")
+    assert all(config[name]["tiny_decoder"] == tiny for name in config)
+    assert all(config[name]["student"] == str(out / "unet" / "final") for name in ("one-step", "one-step-warmup", "one-step-no-warmup"))
+    assert config["one-step"]["fm_warmup_steps"] == 1 and config["one-step-no-warmup"]["fm_warmup_steps"] == 0
+    assert config["one-step-warmup"]["max_steps"] == config["one-step"]["fm_warmup_steps"]
+    assert all(config[name]["preset"] == "mini" for name in config)
+    final = json.loads((out / "one-step" / "final" / "model_index.json").read_text())
+    assert final["vae"] == ["diffusers", "AutoencoderTiny"]
+
+
+def test_the_final_folder_runs_in_the_sdxs_engine_at_its_native_64_px(smoke_run):
+    from sdxs import SDXSEngine
+
+    out, _, _ = smoke_run
+    engine = SDXSEngine.from_pretrained(str(out / "one-step" / "final"), device="cpu", backend="torch")
+    assert engine.native_size == 64
+    result = engine.text_to_image("an emoji of red apple, google style", seed=0, num_images=1)
+    assert result.images[0].size == (64, 64)
+
+
+def test_a_second_run_skips_finished_stages(smoke_run):
+    out, data, _ = smoke_run
+    result = subprocess.run([sys.executable, "train/reproduce_mini.py", "--output_dir", str(out), "--data", str(data), "--smoke",
+                             "--no_eval"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("skipped") == 5 and "python train/" not in result.stderr
+
+
+def test_missing_data_says_how_to_build_it(tmp_path):
+    with pytest.raises(SystemExit, match=r"python train/emoji_data.py --out"):
+        reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--data", str(tmp_path / "nothing")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_stage_stops_the_run_and_says_how_to_resume(tmp_path):
+    data = emoji_like_folder(tmp_path / "data")
+    broken_teacher = tmp_path / "teacher"
+    broken_teacher.mkdir()
+    (broken_teacher / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"decoder stopped with exit code .* run the same command again"):
+        reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--data", str(data), "--teacher", str(broken_teacher), "--smoke"])
+
+
+# --- an f=4 teacher: latents are resolution / 4 --------------------------------------------------
+
+
+def test_vae_factor_of_the_emoji_teacher_is_4_and_of_sd_8():
+    assert common.teacher_vae_factor(TEACHER) == 4
+    assert common.vae_factor({"block_out_channels": [128, 256, 512, 512]}) == 8
+
+
+def test_stage_c_latent_shape_follows_the_vae_factor():
+    args = common.parse_args(distill_one_step.build_parser(), distill_one_step.PRESETS,
+                             ["--preset", "mini", "--output_dir", "unused"])
+    config = json.loads((TEACHER / "scheduler" / "scheduler_config.json").read_text())
+    s4 = distill_one_step.step_settings(args, config, uncond=torch.zeros(1), device=torch.device("cpu"), vae_factor=4)
+    s8 = distill_one_step.step_settings(args, config, uncond=torch.zeros(1), device=torch.device("cpu"), vae_factor=8)
+    assert s4.latent_shape == (4, 16, 16) and s8.latent_shape == (4, 8, 8)
+
+
+def test_stage_a_l1_is_taken_at_the_latent_resolution_of_the_teacher_vae():
+    vae = distill_decoder.make_student_vae(channels=8, decoder_blocks=(1, 1, 1), encoder_blocks=(1, 1, 1))
+    z, x = torch.randn(2, 4, 16, 16), torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        losses, fake = distill_decoder.decoder_step(vae.decoder, None, None, z, x, lambda_gan=0.0, encoder_weight=0.0, factor=4)
+    expected = (torch.nn.functional.avg_pool2d(fake, 4) - torch.nn.functional.avg_pool2d(x, 4)).abs().mean()
+    assert fake.shape == x.shape and losses["loss_l1"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_stage_a_refuses_a_decoder_whose_upscaling_differs_from_the_teacher_vae(tmp_path):
+    with pytest.raises(SystemExit, match=r"works at 4x .* needs 3 decoder and encoder stages; got --decoder_blocks 3,3,3,1"):
+        distill_decoder.main(["--preset", "mini", "--output_dir", str(tmp_path / "out"), "--decoder_blocks", "3,3,3,1",
+                              "--encoder_blocks", "1,3,3,3", "--image_folder", str(tmp_path / "none")])
+
+
+def test_mini_preset_defaults_to_the_bundled_teacher():
+    assert common.resolve_teacher(None, "mini", Path("unused"), None) == str(TEACHER)
+
+
+# --- the targets ------------------------------------------------------------------------------------
+
+
+def _row(key, fd, top1, ms):
+    return {"key": key, "fd": fd, "top1": top1, "latency": {"median_ms": ms}}
+
+
+def test_targets_compare_the_final_model_with_the_teacher():
+    met = evaluate_stages.targets([_row("teacher", 10.0, 0.40, 300.0), _row("one_step_fm_only", 99.0, 0.0, 1.0),
+                                   _row("mini_sdxs", 15.0, 0.32, 12.0)])
+    assert [t["met"] for t in met] == [True, True, True]
+    assert "1.50x" in met[0]["measured"] and "80%" in met[1]["measured"] and "25.0x lower" in met[2]["measured"]
+    missed = evaluate_stages.targets([_row("teacher", 10.0, 0.40, 300.0), _row("mini_sdxs", 15.1, 0.31, 12.1)])
+    assert [t["met"] for t in missed] == [False, False, False]
+    assert evaluate_stages.targets([_row("mini_sdxs", 1.0, 1.0, 1.0)]) == []
+
+
+def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_run, tmp_path):
+    out, _, _ = smoke_run
+    dest, figures = tmp_path / "mini-sdxs", tmp_path / "figures"
+    dest.mkdir()
+    (dest / "README.md").write_text("the card")
+    reproduce_mini.export(out, dest, figures)
+    assert (dest / "README.md").read_text() == "the card"
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae_large/config.json", "text_encoder/config.json",
+                 "tokenizer/vocab.json", "scheduler/scheduler_config.json", "model_index.json", "training/stages.md"):
+        assert (dest / part).is_file(), part
+    assert json.loads((dest / "training" / "stages.json").read_text()) == json.loads((out / "eval" / "stages.json").read_text())
+    assert sorted(p.name for p in figures.iterdir()) == ["loss-decoder.png", "loss-one-step.png", "loss-unet.png",
+                                                         "stages-grid.png", "stages-quality-latency.png"]
+    from sdxs import SDXSEngine
+
+    assert SDXSEngine.from_pretrained(str(dest), device="cpu", backend="torch").native_size == 64
