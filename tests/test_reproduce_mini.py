@@ -57,8 +57,10 @@ def test_smoke_run_trains_every_stage_through_the_mini_preset_and_writes_the_tab
         assert (out / name / "final" / "model_index.json").is_file(), name
     report = json.loads((out / "eval" / "stages.json").read_text())
     keys = [r["key"] for r in report["rows"]]
-    assert keys == ["teacher", "teacher_tiny_decoder", "student_multi_step", "one_step_fm_only", "mini_sdxs", "ablation_no_fm_warmup"]
+    assert keys == ["teacher", "psi", "teacher_tiny_decoder", "student_multi_step", "one_step_fm_only", "mini_sdxs",
+                    "ablation_no_fm_warmup"]
     rows = {r["key"]: r for r in report["rows"]}
+    assert rows["psi"]["steps"] == 2 and "psi" in rows["psi"]["label"]  # stage C's --sampler_steps (2 under --smoke)
     # cumulative rows: the tiny decoder replaces the teacher's, the student U-Net is the block-removed one
     assert rows["teacher_tiny_decoder"]["parameters"]["decoder"] < rows["teacher"]["parameters"]["decoder"]
     assert rows["teacher_tiny_decoder"]["parameters"]["unet"] == rows["teacher"]["parameters"]["unet"] == 6_715_588

@@ -66,7 +66,7 @@ PRESETS = {
     ),
     "mini": dict(  # the emoji teacher and stage B's student (train/reproduce_mini.py); [ours] unless marked
         **{**common.MINI_RUN, "sampler_steps": 10, "num_samples": 2048},  # 2,048 (noise, psi) pairs
-        batch_size=32, lr=1e-4, ema_decay=0.999, max_steps=1000,
+        batch_size=32, lr=1e-4, ema_decay=0.999, max_steps=2000,
         checkpoint_every=100, sample_every=200,
         psi_scheduler="dpmsolver++",  # psi: 10 DPM-Solver++ steps of the teacher with its CFG 4 (no straightened teacher exists)
         pairs="cache", fm_encoder="unet", fm_layers="0,1,2", fm_weights="1,1,1", fm_timestep=10, fm_ssim_window=7,

@@ -8,6 +8,7 @@ One row per stage of `train/reproduce_mini.py`'s run folder, each cumulative on 
 | row | pipeline | sampling |
 |---|---|---|
 | teacher | models/emoji-teacher | 25 DPM-Solver++ steps, CFG 4 |
+| reference: psi | the teacher, as stage C's FM targets were made | stage C's steps (10), CFG 4 |
 | + tiny decoder | the teacher with stage A's decoder | same |
 | + block removal | stage B's student U-Net + stage A's decoder | same |
 | + one step, FM warm-up only | stage C stopped after its warm-up (RUN/one-step-warmup) | 1 step, no CFG |
@@ -58,11 +59,14 @@ class Row:
     guidance: float
 
 
-def stage_rows(run: Path, teacher: Path, *, teacher_steps: int, guidance: float) -> tuple[list[Row], list[str]]:
-    """The rows whose folders exist, and the labels of those that do not."""
+def stage_rows(run: Path, teacher: Path, *, teacher_steps: int, guidance: float, psi_steps: int) -> tuple[list[Row], list[str]]:
+    """The rows whose folders exist, and the labels of those that do not. `psi_steps` > 0 adds a
+    reference row: psi, the teacher's few-step sampler whose outputs are stage C's FM targets."""
     tiny = run / "decoder" / "final" / "vae"
+    psi = [(Row("psi", f"reference: psi, the FM targets (teacher, {psi_steps} steps + CFG)", teacher, None, psi_steps, guidance), teacher)]
     candidates = [
         (Row("teacher", f"teacher ({teacher_steps} steps + CFG)", teacher, None, teacher_steps, guidance), teacher),
+        *(psi if psi_steps else []),
         (Row("teacher_tiny_decoder", "+ tiny decoder (stage A)", teacher, tiny, teacher_steps, guidance), tiny),
         (Row("student_multi_step", f"+ block removal (stage B, {teacher_steps} steps + CFG)", run / "unet" / "final", tiny,
              teacher_steps, guidance), run / "unet" / "final"),
@@ -76,6 +80,12 @@ def stage_rows(run: Path, teacher: Path, *, teacher_steps: int, guidance: float)
     rows = [row for row, needed in candidates if needed.is_dir()]
     missing = [f"{row.label} ({needed})" for row, needed in candidates if not needed.is_dir()]
     return rows, missing
+
+
+def psi_steps_of(run: Path) -> int:
+    """Stage C's psi sampler steps, read from its newest checkpoint's settings (0 when none is left)."""
+    metas = sorted((run / "one-step" / "checkpoints").glob("step-*/meta.json"))
+    return int(json.loads(metas[-1].read_text())["config"]["sampler_steps"]) if metas else 0
 
 
 def build_pipeline(row: Row, teacher: Path):
@@ -169,6 +179,7 @@ def plot(report: dict, path: Path) -> Path | None:
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.ticker
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: skipped stages.png", file=sys.stderr)
@@ -179,6 +190,10 @@ def plot(report: dict, path: Path) -> Path | None:
         for i, r in enumerate(rows):
             ax.scatter(r["latency"]["median_ms"], r[metric], s=60, label=r["label"], color=f"C{i}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # plain labels at 10, 30, 100, ... only
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.set_xticks([t for t in (3, 10, 30, 100, 300, 1000, 3000, 10000)
+                       if min(r["latency"]["median_ms"] for r in rows) / 2 <= t <= max(r["latency"]["median_ms"] for r in rows) * 2])
         ax.set_xlabel("latency per image on this CPU (ms, log scale)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -199,12 +214,15 @@ def save_grid(real: torch.Tensor, samples: dict[str, torch.Tensor], labels: dict
 
     from train import common
 
-    side, margin = real.shape[-1] * scale, 230
+    import textwrap
+
+    side, margin = real.shape[-1] * scale, 240
     names = ["real val images", *[labels[k] for k in samples]]
     canvas = Image.new("RGB", (margin + real.shape[0] * (side + 2), len(names) * (side + 2)), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=11)
     for r, images in enumerate([real, *samples.values()]):
-        draw.text((4, r * (side + 2) + side // 2 - 6), names[r][:38], fill="black", font=font)
+        lines = textwrap.wrap(names[r], 36)[:4]
+        draw.multiline_text((4, r * (side + 2) + side // 2 - 7 * len(lines)), "\n".join(lines), fill="black", font=font, spacing=2)
         for c, image in enumerate(common.to_uint8(images)):
             tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((side, side), Image.NEAREST)
             canvas.paste(tile, (margin + c * (side + 2), r * (side + 2)))
@@ -222,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default RUN/eval)")
     parser.add_argument("--teacher_steps", type=int, default=25, help="sampling steps of the multi-step rows (default 25)")
     parser.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the multi-step rows (default 4, the teacher's)")
+    parser.add_argument("--psi_steps", type=int, default=None,
+                        help="steps of the psi reference row, 0 = no such row (default: stage C's --sampler_steps in RUN/one-step)")
     parser.add_argument("--num_images", type=int, default=0, help="first N val captions only, 0 = all (default)")
     parser.add_argument("--latency_runs", type=int, default=20, help="timed calls per row (default 20)")
     parser.add_argument("--grid", type=int, default=12, help="captions in grid.png (default 12)")
@@ -243,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("teacher_steps", "latency_runs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1; got {getattr(args, name)}.")
-    rows, missing = stage_rows(run, teacher, teacher_steps=args.teacher_steps, guidance=args.guidance)
+    rows, missing = stage_rows(run, teacher, teacher_steps=args.teacher_steps, guidance=args.guidance,
+                               psi_steps=psi_steps_of(run) if args.psi_steps is None else args.psi_steps)
     if not any(r.key == "mini_sdxs" for r in rows):
         raise SystemExit(f"{run / 'one-step' / 'final'} is missing: run train/reproduce_mini.py --output_dir {run} first.")
     if args.num_threads:
