@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from sdxs import architectures as arch
@@ -109,9 +111,10 @@ TINY = Architecture(
 class BuiltinModel:
     """A one-step model folder in this repository's models/, picked by a short name (--model mini).
 
-    `prompt_template` turns a short prompt into the caption form the model was trained on;
-    `native_size` is what the folder's configs give (checked by a test), stated here so the
-    registry can say what the model makes without loading it."""
+    A short prompt becomes the caption form the model was trained on: the training caption of that
+    name when the folder's `captions_file` has one (name or short name -> caption), else
+    `prompt_template`. `native_size` is what the folder's configs give (checked by a test), stated
+    here so the registry can say what the model makes without loading it."""
 
     name: str
     title: str
@@ -120,6 +123,11 @@ class BuiltinModel:
     prompt_template: str  # "{prompt}" is replaced by the user's prompt
     description: str
     examples: tuple[str, ...] = ()
+    captions_file: str | None = None  # JSON {name: caption} in `folder`
+
+    def captions(self) -> dict[str, str]:
+        """The folder's caption table ({} when it has none)."""
+        return _read_captions(self.folder / self.captions_file) if self.captions_file else {}
 
     @property
     def prompt_prefix(self) -> str:
@@ -127,12 +135,15 @@ class BuiltinModel:
         return self.prompt_template.split("{prompt}")[0].strip()
 
     def expand_prompt(self, prompt: str) -> str:
-        """The prompt the model reads: "Red apple" -> "an emoji of red apple, google style" (lower case,
-        single spaces, as the training captions). A prompt already in the caption form (starting with
-        the template's prefix, any case) and an empty prompt are kept as written."""
+        """The prompt the model reads: "Red apple" -> its training caption "an emoji of red apple, apple,
+        category food & drink, subcategory food-fruit, google style" when the caption table knows the
+        name, else the template's "an emoji of red apple, google style" (lower case, single spaces, as
+        the training captions). A prompt already in the caption form (starting with the template's
+        prefix, any case) and an empty prompt are kept as written."""
         if not prompt.strip() or prompt.strip().lower().startswith(self.prompt_prefix.lower()):
             return prompt
-        return self.prompt_template.format(prompt=" ".join(prompt.lower().split()))
+        name = " ".join(prompt.lower().split())
+        return self.captions().get(name) or self.prompt_template.format(prompt=name)
 
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # the repository's models/, as train/common.py's EMOJI_TEACHER
@@ -147,10 +158,22 @@ BUILTIN: dict[str, BuiltinModel] = {
         # category ..., subcategory ..., google style|twitter style": a short prompt gets the two parts
         # every caption has, the opening and one style (google, the first style of the data set).
         prompt_template="an emoji of {prompt}, google style",
+        # the google-style training captions by emoji name and short name (reproduce_mini.py --export):
+        # the model draws "grinning face" far better from its full caption (category, subcategory)
+        captions_file="captions.json",
         description="One-step 64x64 emoji, distilled from models/emoji-teacher by train/ stages A-C; runs on any CPU.",
         examples=("grinning face", "red apple", "smiling face with sunglasses", "slice of pizza", "rocket", "ghost"),
     ),
 }
+
+
+@lru_cache(maxsize=4)
+def _read_captions(path: Path) -> dict[str, str]:
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # no table (or a broken one): the template still gives a caption-shaped prompt
+    return {str(k): str(v) for k, v in table.items()} if isinstance(table, dict) else {}
 
 
 def builtin_model(name: str) -> BuiltinModel | None:

@@ -45,11 +45,28 @@ def warning_lines(stderr: str) -> list[str]:
 # --- the registry entry and its prompt template ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("prompt", ["red apple", "grinning face", "  Smiling   Face with Sunglasses "])
-def test_a_short_prompt_becomes_a_caption_of_the_training_data(prompt):
+@pytest.mark.parametrize("prompt, caption", [
+    ("red apple", "an emoji of red apple, apple, category food & drink, subcategory food-fruit, google style"),
+    ("  Grinning   FACE ", "an emoji of grinning face, grinning, category smileys & emotion, subcategory face-smiling, google style"),
+    ("pizza", "an emoji of slice of pizza, pizza, category food & drink, subcategory food-prepared, google style"),  # a short name
+])
+def test_a_known_emoji_name_becomes_its_training_caption(prompt, caption):
+    assert MINI.captions()[" ".join(prompt.lower().split())] == caption  # the folder's captions.json
+    assert MINI.expand_prompt(prompt) == caption
+
+
+@pytest.mark.parametrize("prompt", ["purple dinosaur", "  A   Cat on a Skateboard "])
+def test_an_unknown_short_prompt_gets_the_shortest_caption_form(prompt):
     # The shortest caption train/emoji_data.py writes: an emoji with only a name, google style.
-    assert MINI.expand_prompt(prompt) == build_caption({"name": prompt}, "google")
-    assert MINI.expand_prompt("red apple") == "an emoji of red apple, google style"
+    assert MINI.expand_prompt(prompt) == build_caption({"name": " ".join(prompt.split())}, "google")
+    assert MINI.expand_prompt("purple dinosaur") == "an emoji of purple dinosaur, google style"
+
+
+def test_without_a_caption_table_every_short_prompt_gets_the_template(tmp_path):
+    import dataclasses
+
+    bare = dataclasses.replace(MINI, folder=tmp_path)  # no captions.json there
+    assert bare.captions() == {} and bare.expand_prompt("red apple") == "an emoji of red apple, google style"
 
 
 @pytest.mark.parametrize("prompt", ["an emoji of red apple, apple, category food & drink, twitter style", "An Emoji of a cat", ""])
@@ -58,7 +75,8 @@ def test_a_caption_and_an_empty_prompt_are_kept(prompt):
 
 
 def test_the_template_applies_to_the_built_in_model_only(mini_engine, tiny_engine):
-    assert prompt_for(mini_engine, "red apple") == "an emoji of red apple, google style"
+    assert prompt_for(mini_engine, "purple dinosaur") == "an emoji of purple dinosaur, google style"
+    assert prompt_for(mini_engine, "red apple") == MINI.captions()["red apple"]
     assert prompt_for(tiny_engine, "red apple") == "red apple"
     assert builtin_model("IDKiro/sdxs-512-dreamshaper") is None
 
@@ -91,9 +109,10 @@ def test_a_missing_built_in_folder_is_a_clear_error(monkeypatch, tmp_path):
 def test_the_handler_reads_the_expanded_prompt_and_returns_native_images(mini_engine):
     images, seed, status = app.make_generate(mini_engine)("grinning face", 3, False, 2, "tiny")
     assert seed == 3 and [image.size for image in images] == [(64, 64)] * 2  # native: the download is the file as made
-    expected = mini_engine.text_to_image("an emoji of grinning face, google style", seed=3, num_images=2, decoder="tiny").images
+    caption = MINI.captions()["grinning face"]
+    expected = mini_engine.text_to_image(caption, seed=3, num_images=2, decoder="tiny").images
     assert [image.tobytes() for image in images] == [image.tobytes() for image in expected]
-    assert "Prompt as the model read it: `an emoji of grinning face, google style`" in status
+    assert f"Prompt as the model read it: `{caption}`" in status
     # A prompt already in the caption form goes as typed, and the status does not repeat it.
     _, _, status = app.make_generate(mini_engine)("an emoji of red apple, twitter style", 3, False, 1, "tiny")
     assert "Prompt as the model read it" not in status
@@ -116,7 +135,7 @@ def test_the_page_shows_the_template_the_notice_and_emoji_examples(mini_engine):
     texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
     notice = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "fallback-notice")
     assert DEFAULT_MODEL in notice.value and f"hf download {DEFAULT_MODEL}" in notice.value and "--model mini" in notice.value
-    assert any("`an emoji of grinning face, google style`" in text for text in texts)
+    assert any(f"`{MINI.captions()['grinning face']}`" in text for text in texts)
     examples = next(b for b in demo.blocks.values() if isinstance(b, gr.Dataset))
     assert [row[0] for row in examples.raw_samples] == list(MINI.examples)
     assert not any(getattr(b, "elem_id", None) == "fallback-notice" for b in app.build_demo(mini_engine).blocks.values())

@@ -34,7 +34,9 @@ def emoji_like_folder(root: Path) -> Path:
             image = Image.new("RGB", (64, 64), "white")
             ImageDraw.Draw(image).ellipse((8 + i, 8, 56, 56 - i), fill=colour)
             image.save(folder / f"{i}.png")
-            rows.append({"file_name": f"{i}.png", "text": f"an emoji of {colour} circle {i}, category symbols, google style"})
+            style = "google" if i % 2 == 0 else "twitter"
+            rows.append({"file_name": f"{i}.png", "text": f"an emoji of {colour} circle {i}, {colour}, category symbols, {style} style",
+                         "name": f"{colour.upper()} CIRCLE {i}", "style": style, "skin_tone": None})
         (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -175,12 +177,15 @@ def test_targets_compare_the_final_model_with_the_teacher():
 
 
 def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_run, tmp_path):
-    out, _, _ = smoke_run
+    out, data, _ = smoke_run
     dest, figures = tmp_path / "mini-sdxs", tmp_path / "figures"
     dest.mkdir()
-    (dest / "README.md").write_text("the card")
-    reproduce_mini.export(out, dest, figures)
-    assert (dest / "README.md").read_text() == "the card"
+    start, end = reproduce_mini.TABLE_START, reproduce_mini.TABLE_END
+    (dest / "README.md").write_text(f"the card\n{start}\nold table\n{end}\nmore text\n")
+    reproduce_mini.export(out, dest, figures, data)
+    table = (out / "eval" / "stages.md").read_text().strip()
+    assert json.loads((dest / "captions.json").read_text()) == reproduce_mini.caption_table(data)
+    assert (dest / "README.md").read_text() == f"the card\n{start}\n{table}\n{end}\nmore text\n"
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae_large/config.json", "text_encoder/config.json",
                  "tokenizer/vocab.json", "scheduler/scheduler_config.json", "model_index.json", "training/stages.md"):
         assert (dest / part).is_file(), part
@@ -190,3 +195,12 @@ def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_ru
     from sdxs import SDXSEngine
 
     assert SDXSEngine.from_pretrained(str(dest), device="cpu", backend="torch").native_size == 64
+
+
+def test_the_caption_table_maps_names_and_short_names_of_one_style_to_training_captions(tmp_path):
+    data = emoji_like_folder(tmp_path / "data")
+    table = reproduce_mini.caption_table(data)
+    assert table["red circle 0"] == "an emoji of red circle 0, red, category symbols, google style"
+    assert table["red"] == table["red circle 0"]  # a short name, first one wins
+    assert "green circle 1" not in table  # twitter style in this folder: not the google table's
+    assert reproduce_mini.caption_table(data, "twitter")["green circle 1"].endswith("twitter style")

@@ -25,6 +25,7 @@ OUTPUT_DIR/one-step/final (`python -m sdxs generate --model OUTPUT_DIR/one-step/
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -105,7 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def export(out: Path, dest: Path, figures: Path) -> None:
+TABLE_START, TABLE_END = "<!-- stage table: written by reproduce_mini.py --export -->", "<!-- end of stage table -->"
+
+
+def with_stage_table(card: str, table: str) -> str:
+    """`card` with the text between TABLE_START and TABLE_END replaced by `table` (unchanged without markers)."""
+    if TABLE_START not in card or TABLE_END not in card:
+        return card
+    head, rest = card.split(TABLE_START, 1)
+    return f"{head}{TABLE_START}\n{table.strip()}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+
+
+def caption_table(data: Path, style: str = "google") -> dict[str, str]:
+    """{emoji name or short name (lower case): its training caption} over the data's train and val
+    metadata, one style, skin-tone variants left out; a name wins over another emoji's short name.
+    The built-in model's apps read it (sdxs.registry, captions.json) to turn "red apple" into the
+    caption the model was trained on."""
+    names, short = {}, {}
+    for split in ("train", "val"):
+        for line in (data / split / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("style") != style or row.get("skin_tone") or not row.get("name"):
+                continue
+            text, name = row["text"], row["name"].lower()
+            names.setdefault(name, text)
+            head = f"an emoji of {name}"
+            if text.startswith(head) and ", category " in text:  # "..., SHORT NAMES, category ..."
+                for alias in text[len(head):text.index(", category ")].split(", "):
+                    if alias.strip():
+                        short.setdefault(alias.strip(), text)
+    return {**short, **names}
+
+
+def export(out: Path, dest: Path, figures: Path, data: Path | None = None) -> None:
     """The final folder's model files to DEST (an existing README.md card stays), the stage table to
     DEST/training/, and the sample grid, quality/latency plot and each stage's loss curve to FIGURES."""
     import shutil
@@ -118,9 +151,16 @@ def export(out: Path, dest: Path, figures: Path) -> None:
             target = dest / path.relative_to(final)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+    if data is not None:
+        table = caption_table(data)
+        (dest / "captions.json").write_text(json.dumps(dict(sorted(table.items())), indent=0, ensure_ascii=False) + "\n",
+                                            encoding="utf-8")
     (dest / "training").mkdir(parents=True, exist_ok=True)
     for name in ("stages.md", "stages.json"):
         shutil.copy2(out / "eval" / name, dest / "training" / name)
+    card = dest / "README.md"
+    if card.is_file():  # the card's table between the markers becomes this run's
+        card.write_text(with_stage_table(card.read_text(), (out / "eval" / "stages.md").read_text()))
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy2(out / "eval" / "grid.png", figures / "stages-grid.png")
     shutil.copy2(out / "eval" / "stages.png", figures / "stages-quality-latency.png")
@@ -151,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if subprocess.run([sys.executable, *eval_argv], cwd=ROOT).returncode != 0:
             raise SystemExit("[reproduce_mini] the evaluation failed; its output is above. The trained stages are kept.")
     if args.export:
-        export(out, Path(args.export), Path(args.figures))
+        export(out, Path(args.export), Path(args.figures), data)
     print(f"[reproduce_mini] done: the mini SDXS is {out / 'one-step' / 'final'}", file=sys.stderr)
     return 0
 
