@@ -35,7 +35,9 @@ def test_app_without_model_offline_serves_the_built_in_model(tmp_path):
         for prompt, name in [("grinning face", "builtin-grinning-face.png"), ("red apple", "builtin-red-apple.png")]:
             page.locator("#prompt textarea").fill(prompt)
             page.locator("#run").click()
-            page.locator("#status").get_by_text(f"an emoji of {prompt}, google style").wait_for(timeout=60_000)
+            caption = BUILTIN[BUILTIN_MODEL].expand_prompt(prompt)  # its training caption (captions.json)
+            assert caption.startswith(f"an emoji of {prompt}, ") and "category" in caption
+            page.locator("#status").get_by_text(caption).wait_for(timeout=60_000)
             assert title in page.locator("#status").inner_text()
             image = page.locator("#gallery img").first
             image.wait_for(state="visible", timeout=30_000)
