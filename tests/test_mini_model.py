@@ -30,6 +30,8 @@ def test_the_folder_is_a_one_step_pipeline_in_the_released_layout_with_safetenso
     assert json.loads((MINI / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DEISMultistepScheduler"
     weights = [p for p in MINI.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
+    for config in [*MINI.rglob("*config.json"), MINI / "model_index.json", MINI / "training" / "stages.json"]:
+        assert '"/' not in config.read_text(), config  # no machine paths (diffusers' _name_or_path, the stage report)
     size = sum(p.stat().st_size for p in MINI.rglob("*") if p.is_file())
     assert size <= MAX_BYTES, f"{size / 1e6:.1f} MB"
 

@@ -69,6 +69,8 @@ def test_smoke_run_trains_every_stage_through_the_mini_preset_and_writes_the_tab
     assert rows["student_multi_step"]["parameters"]["unet"] == rows["mini_sdxs"]["parameters"]["unet"] == 2_963_780
     assert rows["mini_sdxs"]["steps"] == 1 and rows["teacher"]["steps"] == 2 and rows["teacher"]["guidance"] == 4.0
     assert len(report["targets"]) == 3 and report["settings"]["n_val"] == 8
+    shown = [r["folder"] for r in report["rows"]] + [r["decoder"] for r in report["rows"]] + [report["settings"]["run"]]
+    assert not any(Path(p).is_absolute() for p in shown), shown  # reports carry no machine paths
     for name in ("stages.md", "stages.png", "grid.png"):
         assert (out / "eval" / name).stat().st_size > 0
     assert "| + score distillation: mini SDXS (stage C) | 1 |" in (out / "eval" / "stages.md").read_text()
@@ -185,6 +187,8 @@ def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_ru
     reproduce_mini.export(out, dest, figures, data)
     table = (out / "eval" / "stages.md").read_text().strip()
     assert json.loads((dest / "captions.json").read_text()) == reproduce_mini.caption_table(data)
+    for config in dest.rglob("config.json"):  # no machine paths in a bundled folder
+        assert not Path(json.loads(config.read_text()).get("_name_or_path", "x")).is_absolute(), config
     assert (dest / "README.md").read_text() == f"the card\n{start}\n{table}\n{end}\nmore text\n"
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae_large/config.json", "text_encoder/config.json",
                  "tokenizer/vocab.json", "scheduler/scheduler_config.json", "model_index.json", "training/stages.md"):

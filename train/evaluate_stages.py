@@ -49,6 +49,16 @@ MIN_RETRIEVAL_RATIO = 0.8  # top-1 retrieval at least 80% of the teacher's
 MIN_SPEEDUP = 25.0  # end-to-end latency at least 25x lower
 
 
+def shown_path(path: Path | str) -> str:
+    """A path as reports show it: relative to the repository (or the working folder) when inside it, else
+    its last two parts; written reports and cards never carry a machine's absolute paths."""
+    path = Path(path).resolve()
+    for base in (ROOT, Path.cwd().resolve()):
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix()
+    return Path(*path.parts[-2:]).as_posix()
+
+
 @dataclass(frozen=True)
 class Row:
     key: str
@@ -78,7 +88,7 @@ def stage_rows(run: Path, teacher: Path, *, teacher_steps: int, guidance: float,
          run / "one-step-no-warmup" / "final"),
     ]
     rows = [row for row, needed in candidates if needed.is_dir()]
-    missing = [f"{row.label} ({needed})" for row, needed in candidates if not needed.is_dir()]
+    missing = [f"{row.label} ({shown_path(needed)})" for row, needed in candidates if not needed.is_dir()]
     return rows, missing
 
 
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = build_pipeline(row, teacher)
         images = ev.sample(pipe, captions, steps=row.steps, guidance=row.guidance, seed=args.seed, batch_size=64)
         emb = ev.image_embeddings(tower, images)
-        results.append({"key": row.key, "label": row.label, "folder": str(row.unet), "decoder": str(row.decoder or teacher / "vae"),
+        results.append({"key": row.key, "label": row.label, "folder": shown_path(row.unet), "decoder": shown_path(row.decoder or teacher / "vae"),
                          "steps": row.steps, "guidance": row.guidance,
                          "fd": round(ev.frechet_distance(emb, real), 3), "top1": round(ev.retrieval_accuracy(emb, text, captions, 1), 4),
                          "top5": round(ev.retrieval_accuracy(emb, text, captions, 5), 4), "parameters": parameter_counts(pipe),
@@ -299,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         del pipe
 
     report = {"rows": results, "reference": reference, "missing": missing,
-              "settings": {"run": str(run), "data": str(data), "eval_tower": str(tower_dir), "n_val": len(val), "seed": args.seed,
+              "settings": {"run": shown_path(run), "data": shown_path(data), "eval_tower": shown_path(tower_dir), "n_val": len(val), "seed": args.seed,
                            "latency_runs": args.latency_runs, "threads": torch.get_num_threads(), "torch": torch.__version__}}
     report["targets"] = targets(results)
     out.mkdir(parents=True, exist_ok=True)

@@ -146,11 +146,18 @@ def export(out: Path, dest: Path, figures: Path, data: Path | None = None) -> No
     final = out / "one-step" / "final"
     if not (out / "eval" / "stages.json").is_file():
         raise SystemExit(f"--export needs the evaluation ({out / 'eval' / 'stages.json'}): run without --no_eval first.")
+    from train.evaluate_stages import shown_path
+
     for path in sorted(final.rglob("*")):
         if path.is_file():
             target = dest / path.relative_to(final)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+            if path.name == "config.json":  # diffusers records where it loaded from: no machine paths in a bundled folder
+                config = json.loads(target.read_text())
+                if "_name_or_path" in config:
+                    config["_name_or_path"] = shown_path(config["_name_or_path"])
+                    target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if data is not None:
         table = caption_table(data)
         (dest / "captions.json").write_text(json.dumps(dict(sorted(table.items())), indent=0, ensure_ascii=False) + "\n",
