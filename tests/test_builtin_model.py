@@ -165,7 +165,7 @@ def test_generate_without_model_falls_back_with_one_warning(tmp_path):
     [warning] = warning_lines(proc.stderr)
     assert DEFAULT_MODEL in warning and "could not be loaded" in warning and "HF_HUB_OFFLINE is set" in warning  # what happened
     assert MINI.title in warning and f"hf download {DEFAULT_MODEL}" in warning and "HF_HOME" in warning  # what runs, how to get the full one
-    assert "note: the prompt as the model reads it: 'an emoji of red apple, google style'" in proc.stderr
+    assert f"note: the prompt as the model reads it: '{MINI.captions()['red apple']}'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -226,7 +226,7 @@ def test_the_app_without_model_serves_the_built_in_model_with_a_notice(tmp_path)
         assert notice == fallback_notice()
         images, _, status = Client(url, verbose=False).predict("grinning face", 5, False, 1, "tiny", MINI.title, api_name="/generate")
         assert Image.open(images[0]["image"]).size == (64, 64)
-        assert "an emoji of grinning face, google style" in status and f"seed 5 · {MINI.title}" in status
+        assert MINI.captions()["grinning face"] in status and f"seed 5 · {MINI.title}" in status
     finally:
         proc.terminate()
         proc.wait(timeout=30)
