@@ -173,7 +173,7 @@ MUTATIONS: list[Mutation] = [
              "a missing teacher is reported as 'pass --model DIR' (not a flag of train/)"),
     # --- stage A (train/distill_decoder.py) ---------------------------------------------------------
     Mutation("decoder_l1_full_resolution", "train/distill_decoder.py",
-             'losses = {"loss_l1": l1_downsampled(fake, teacher_images)}',
+             'losses = {"loss_l1": l1_downsampled(fake, teacher_images, factor)}',
              'losses = {"loss_l1": F.l1_loss(fake, teacher_images)}',
              (f"{STAGE_A[0]}::test_decoder_step_is_eq5_against_the_teacher_image_of_the_same_latents",),
              "Eq. 5's L1 on full-resolution images instead of 8x-downsampled ones"),
