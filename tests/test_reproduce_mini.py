@@ -74,6 +74,9 @@ def test_smoke_run_trains_every_stage_through_the_mini_preset_and_writes_the_tab
     for name in ("stages.md", "stages.png", "grid.png"):
         assert (out / "eval" / name).stat().st_size > 0
     assert "| + score distillation: mini SDXS (stage C) | 1 |" in (out / "eval" / "stages.md").read_text()
+    # stage C's (noise, psi) pairs live in the f=4 teacher's latent space: 64 px -> 16x16x4, not SD's 8x8
+    pairs = sorted((out / "cache").glob("pairs-*/*.pt"))
+    assert pairs and all(torch.load(f)["noise"].shape == torch.load(f)["latents"].shape == (4, 16, 16) for f in pairs[:4])
 
 
 def test_stages_are_wired_to_each_other(smoke_run):
