@@ -154,7 +154,17 @@ def prepare_sketch_with_notes(value, size: int = SKETCH_SIZE) -> tuple[Image.Ima
     side = max(grey.size)
     square = Image.new("L", (side, side), 255)
     square.paste(grey, ((side - grey.width) // 2, (side - grey.height) // 2))
-    return square.resize((size, size), Image.LANCZOS).convert("RGB"), notes
+    return _grow_keeping_paper(square, size).resize((size, size), Image.LANCZOS).convert("RGB"), notes
+
+
+def _grow_keeping_paper(square: Image.Image, size: int) -> Image.Image:
+    """Enlarge a small square by its whole factor with nearest neighbours, so the final Lanczos
+    resize is under 2x: Lanczos alone at, say, 128x smears a 4 px sketch's strokes into greys
+    that cover the paper."""
+    factor = size // square.width
+    if factor < 2:
+        return square
+    return square.resize((square.width * factor, square.height * factor), Image.NEAREST)
 
 
 def prepare_sketch(value, size: int = SKETCH_SIZE) -> Image.Image | None:

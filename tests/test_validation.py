@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
@@ -147,6 +147,7 @@ def sketches(draw):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sketches())
+@example(("1", 4, 4, [(0, 0), (1, 3)], 1))  # once failed CI: Lanczos alone smeared a 4 px sketch over the paper
 def test_any_image_with_a_black_stroke_gives_a_white_rgb_sketch_with_the_stroke_dark(case):
     mode, width, height, points, stroke = case
     sketch = prepare_sketch(stroke_image(mode, width, height, points, stroke))
@@ -154,7 +155,7 @@ def test_any_image_with_a_black_stroke_gives_a_white_rgb_sketch_with_the_stroke_
     array = np.asarray(sketch)
     assert sketch.mode == "RGB" and sketch.size == (512, 512)
     assert (array[..., 0] == array[..., 2]).all()  # grey
-    assert np.median(array) >= BLANK_LEVEL  # white paper (up to Lanczos ringing of tiny pictures)
+    assert np.median(array) >= BLANK_LEVEL  # white paper, however small the picture
     assert array.min() < 128, f"the stroke faded to {array.min()}"  # strokes survive any downscaling
 
 
