@@ -1200,12 +1200,12 @@ def plot_loss_curve(csv_path: Path, png_path: Path) -> Path | None:
 # --- output --------------------------------------------------------------------------------------
 
 
-def save_sdxs_pipeline(dest: Path, base_root: Path, *, unet=None, tiny_vae=None) -> Path:
+def save_sdxs_pipeline(dest: Path, base_root: Path, *, unet=None, tiny_vae=None, controlnet=None) -> Path:
     """Write a pipeline folder in the released SDXS layout (sdxs.build.save_pipeline_folder): the text
     encoder, tokenizer and (unless given) U-Net of `base_root`; vae/ the tiny decoder (given, or the
     base's own AutoencoderTiny) with the base's AutoencoderKL in vae_large/, or vae/ the AutoencoderKL
-    when there is no tiny decoder; scheduler/ DEIS on the base's betas (one step lands on t=999).
-    `python -m sdxs generate --model DEST` loads it."""
+    when there is no tiny decoder; scheduler/ DEIS on the base's betas (one step lands on t=999);
+    controlnet/ when one is given (stage D). `python -m sdxs generate --model DEST` loads it."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -1228,6 +1228,8 @@ def save_sdxs_pipeline(dest: Path, base_root: Path, *, unet=None, tiny_vae=None)
             components["vae_large"] = kl
     else:
         components["vae"] = kl
+    if controlnet is not None:
+        components["controlnet"] = controlnet
     with atomic_dir(dest) as tmp:
         save_pipeline_folder(components, base_root / "tokenizer", tmp)
     return Path(dest)

@@ -125,12 +125,21 @@ def one_step_coefficients(scheduler_config: dict) -> tuple[float, float, int]:
     return probe(1.0, 0.0), -probe(0.0, 1.0), int(engine_scheduler(config).timesteps[0])
 
 
-def one_step_generate(unet, noise: torch.Tensor, states: torch.Tensor, coefficients: tuple[float, float, int]) -> torch.Tensor:
+def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, control: torch.Tensor | None = None) -> torch.Tensor:
+    """eps of a U-Net; with `control` (control images of the same samples, stage D) `unet` is a U-Net with
+    its ControlNet attached (train/distill_controlnet.py ControlledUNet), which takes them as `control`."""
+    kwargs = {} if control is None else {"control": control}
+    return unet(x, t, encoder_hidden_states=states, **kwargs).sample
+
+
+def one_step_generate(unet, noise: torch.Tensor, states: torch.Tensor, coefficients: tuple[float, float, int],
+                      control: torch.Tensor | None = None) -> torch.Tensor:
     """The student as a one-step generator, exactly what the `sdxs` engine computes: x0 = a*z - b*eps(z, T)
-    with (a, b, T) = one_step_coefficients(...) (about (z - sqrt(1 - abar_T) eps) / sqrt(abar_T), T = 999)."""
+    with (a, b, T) = one_step_coefficients(...) (about (z - sqrt(1 - abar_T) eps) / sqrt(abar_T), T = 999).
+    `control`: the control images of a student with a ControlNet (stage D)."""
     a, b, last = coefficients
     t = torch.full((len(noise),), last, device=noise.device, dtype=torch.long)
-    return a * noise - b * unet(noise, t, encoder_hidden_states=states).sample.float()
+    return a * noise - b * unet_eps(unet, noise, t, states, control).float()
 
 
 def make_psi_scheduler(name: str, scheduler_config: dict):
@@ -535,11 +544,13 @@ class Models:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch of pairs: the noise eps, its psi(eps) (latents, U-Net space) and the prompts' text states."""
+    """One micro-batch of pairs: the noise eps, its psi(eps) (latents, U-Net space) and the prompts' text states;
+    in stage D also the control images extracted from psi(eps)'s images (the triplet's third part)."""
 
     noise: torch.Tensor
     target: torch.Tensor
     states: torch.Tensor
+    control: torch.Tensor | None = None
 
 
 @dataclass
@@ -592,35 +603,39 @@ def noisy(abar: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Te
 
 @torch.no_grad()
 def offline_eps(unet, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, uncond: torch.Tensor,
-                real_guidance: float) -> torch.Tensor:
+                real_guidance: float, control: torch.Tensor | None = None) -> torch.Tensor:
     """eps of the offline (teacher) DM, s_offline = -eps/sigma_t in Eq. 11, classifier-free guided by
-    --real_guidance [DMD2]: eps_u + g (eps_c - eps_u). The online DM's eps is never guided."""
+    --real_guidance [DMD2]: eps_u + g (eps_c - eps_u). The online DM's eps is never guided. With a ControlNet
+    (stage D) both branches see the control: guidance is on the text only."""
     x = x_t.to(unet.dtype)
     if real_guidance > 1:
-        eps_u, eps_c = unet(torch.cat([x, x]), torch.cat([t, t]),
-                            encoder_hidden_states=torch.cat([uncond.expand(len(x), -1, -1), states])).sample.float().chunk(2)
+        both = None if control is None else torch.cat([control, control])
+        eps_u, eps_c = unet_eps(unet, torch.cat([x, x]), torch.cat([t, t]),
+                                torch.cat([uncond.expand(len(x), -1, -1), states]), both).float().chunk(2)
         return eps_u + real_guidance * (eps_c - eps_u)
-    return unet(x, t, encoder_hidden_states=states).sample.float()
+    return unet_eps(unet, x, t, states, control).float()
 
 
 def online_update(models: Models, s: StepSettings, micro_states: list[torch.Tensor], gen: torch.Generator, *, step: int,
-                  accelerator, guard: common.FiniteGuard) -> UpdateInfo:
+                  accelerator, guard: common.FiniteGuard, micro_controls: list[torch.Tensor | None] | None = None) -> UpdateInfo:
     """One update of the online DM (Alg. 1; s_online of Eq. 11): the standard denoising loss
     ||eps_online(x_t, t) - n||^2 on the student's CURRENT one-step samples x0 = G(z), z fresh noise,
     t ~ U[t_range]. The student runs under no_grad: this update trains the online DM only, toward the
-    student's distribution (never toward psi's targets). One optimizer step over the micro-batches."""
+    student's distribution (never toward psi's targets). One optimizer step over the micro-batches.
+    Stage D: `micro_controls` are the micro-batches' control images; student and online DM both see them."""
     student = accelerator.unwrap_model(models.student)
     loss_sum, fed = 0.0, {"z": [], "noise": [], "t": [], "x0": []}
-    for k, states in enumerate(micro_states):
+    controls = micro_controls or [None] * len(micro_states)
+    for k, (states, control) in enumerate(zip(micro_states, controls)):
         z = torch.randn(len(states), *s.latent_shape, generator=gen).to(states.device)  # fresh noise: G's distribution
         n = torch.randn(z.shape, generator=gen).to(states.device)
         t = draw_timesteps(len(z), s, gen, states.device)
         with torch.no_grad(), accelerator.autocast():
-            x0 = one_step_generate(student, z, states, s.coefficients).float()
+            x0 = one_step_generate(student, z, states, s.coefficients, control).float()
         x_t, _, _ = noisy(s.abar, x0, n, t)
         sync = k == len(micro_states) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(models.online), accelerator.autocast():
-            loss = denoising_loss(models.online(x_t, t, encoder_hidden_states=states).sample, n)
+            loss = denoising_loss(unet_eps(models.online, x_t, t, states, control), n)
             accelerator.backward(loss / len(micro_states))
         loss_sum += loss.item() / len(micro_states)
         for key, value in (("z", z), ("noise", n), ("t", t), ("x0", x0)):
@@ -639,15 +654,16 @@ def fm_loss(encoder, x0: torch.Tensor, target: torch.Tensor, states: torch.Tenso
 
 
 def score_distillation_loss(online, offline, s: StepSettings, x0: torch.Tensor, n: torch.Tensor, t: torch.Tensor,
-                            states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                            states: torch.Tensor, control: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 11 for the student's samples x0 in the segment t <= alpha*T: x_t = alpha_t x0 + sigma_t n, and a
     surrogate whose gradient on x_t is w(t) (s_online(x_t) - s_offline(x_t)), summed over the samples,
-    averaged over each sample's elements (as DMD2's 0.5*MSE). Returns (loss, |w g| per element)."""
+    averaged over each sample's elements (as DMD2's 0.5*MSE). Returns (loss, |w g| per element).
+    `control`: the samples' control images (stage D), seen by both DMs."""
     x_t, a_t, s_t = noisy(s.abar, x0, n, t)
     with torch.no_grad():
         x_in = x_t.detach()
-        eps_on = online(x_in.to(s.weight_dtype), t, encoder_hidden_states=states).sample.float()
-        eps_off = offline_eps(offline, x_in, t, states, s.uncond, s.real_guidance)
+        eps_on = unet_eps(online, x_in.to(s.weight_dtype), t, states, control).float()
+        eps_off = offline_eps(offline, x_in, t, states, s.uncond, s.real_guidance, control)
         g = score_difference(eps_on, eps_off, s_t)
         x0_off = (x_in - s_t.view(-1, 1, 1, 1) * eps_off) / a_t.view(-1, 1, 1, 1)
         w = score_weight(s.sd_weighting, a_t, s_t, x0.detach(), x0_off)
@@ -676,15 +692,16 @@ def student_loss(models: Models, s: StepSettings, batch: MicroBatch, phase: Phas
     # teacher's score only at those N points. So, as DMD2 does (regression on the cached pairs,
     # distribution matching on fresh noise), an SD-segment sample starts from fresh noise z.
     z = torch.where(sd_mask.view(-1, 1, 1, 1), fresh, batch.noise)
-    x0 = one_step_generate(models.student, z, batch.states, s.coefficients)
+    x0 = one_step_generate(models.student, z, batch.states, s.coefficients, batch.control)
     loss, terms = x0.new_zeros(()), {}
     if fm_mask.any():
         per_sample = fm_loss(models.encoder, x0[fm_mask], batch.target[fm_mask], batch.states[fm_mask], s)
         loss = loss + phase.lambda_fm * per_sample.sum() / len(x0)  # Eq. 12, t > alpha*T: lambda_FM * L_FM
         terms["loss_fm"] = per_sample.mean().item()
     if sd_mask.any():
+        control = None if batch.control is None else batch.control[sd_mask]
         loss_sd, wg = score_distillation_loss(online, models.offline, s, x0[sd_mask], n[sd_mask], t[sd_mask],
-                                              batch.states[sd_mask])
+                                              batch.states[sd_mask], control)
         loss = loss + loss_sd / len(x0)  # Eq. 12, t <= alpha*T: the score-distillation gradient of Eq. 11
         terms["loss_sd"], terms["sd_grad"] = loss_sd.item() / len(x0), wg.mean().item()
     terms["loss"] = loss.item()

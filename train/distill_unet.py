@@ -317,17 +317,19 @@ class FeatureHooks:
 
 
 def kd_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tokenizer, text_encoder, caption_dropout: float,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              device: torch.device, return_noise: bool = False) -> tuple[torch.Tensor, ...]:
     """What one micro-batch feeds kd_step: x_t = add_noise(z0, eps, t) with the teacher's betas, t uniform in
     [0, T), z0 the cached teacher latents; and the captions' text states, each caption replaced by the empty
-    prompt with probability `caption_dropout`. Draws come from `gen` (seeded per step). Returns (x_t, t, states)."""
+    prompt with probability `caption_dropout`. Draws come from `gen` (seeded per step). Returns (x_t, t, states),
+    and eps last with `return_noise` (a denoising loss needs it: stage D's teacher ControlNet)."""
     z0 = batch["latents"].to(device)
     drop = torch.rand(len(z0), generator=gen) < caption_dropout
     prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
     noise = torch.randn(z0.shape, generator=gen).to(device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=gen).to(device)  # uniform t
     x_t = noise_scheduler.add_noise(z0, noise, t)
-    return x_t, t, common.encode_prompts(tokenizer, text_encoder, prompts)
+    states = common.encode_prompts(tokenizer, text_encoder, prompts)
+    return (x_t, t, states, noise) if return_noise else (x_t, t, states)
 
 
 def kd_step(student, teacher_unet, hooks: FeatureHooks, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, *,
