@@ -130,15 +130,18 @@ def load_split(folder: Path, caption_column: str, resolution: int, limit: int = 
 
 
 @torch.no_grad()
-def sample(pipe, captions: list[str], *, steps: int, guidance: float, seed: int, batch_size: int) -> torch.Tensor:
-    """The pipeline's images (N, 3, H, W) in [-1, 1]; image i uses generator seed + i."""
+def sample(pipe, captions: list[str], *, steps: int, guidance: float, seed: int, batch_size: int,
+           control: torch.Tensor | None = None, control_scale: float = 1.0) -> torch.Tensor:
+    """The pipeline's images (N, 3, H, W) in [-1, 1]; image i uses generator seed + i. With `control`
+    ((N, 3, H, W) in [0, 1]; a ControlNet pipeline), image i is drawn from control i at `control_scale`."""
     from tqdm.auto import tqdm
 
     out = []
     for i in tqdm(range(0, len(captions), batch_size), desc="sampling", unit="batch"):
         chunk = captions[i : i + batch_size]
         generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pt").images
+        controlnet = {} if control is None else {"image": control[i : i + batch_size], "controlnet_conditioning_scale": control_scale}
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pt", **controlnet).images
         out.append(images * 2 - 1)
     return torch.cat(out)
 

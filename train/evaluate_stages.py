@@ -127,9 +127,14 @@ def parameter_counts(pipe) -> dict[str, int]:
 
 
 def latency_ms(pipe, prompt: str, *, steps: int, guidance: float, runs: int) -> dict[str, float]:
-    """End-to-end seconds of one image (prompt -> PIL image), batch 1: one warm-up call, then the median
-    and min of `runs` timed calls."""
-    call = lambda: pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(0))
+    """End-to-end milliseconds of one image (prompt -> PIL image), batch 1: see `time_calls`."""
+    return time_calls(lambda: pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(0)),
+                      runs)
+
+
+def time_calls(call, runs: int) -> dict[str, float]:
+    """Milliseconds of `call()` (one image end to end): one warm-up call, then the median and min of
+    `runs` timed calls."""
     with torch.no_grad():
         call()
         times = []
