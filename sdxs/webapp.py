@@ -79,30 +79,34 @@ def configure_console() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
 
-# How to get the full model, for the fallback's log line and page notice.
-FULL_MODEL_HINT = (
-    f"For the full 512 px model, start once with network (it is then kept in the Hugging Face cache: HF_HOME, "
-    f"~/.cache/huggingface by default) or fetch it with `hf download {DEFAULT_MODEL}`; "
-    f"`--model {BUILTIN_MODEL}` runs the built-in model without trying the hub."
-)
+def full_model_hint(model: str = DEFAULT_MODEL) -> str:
+    """How to get the full `model` (and the base pipeline a ControlNet or LoRA runs on), for the
+    fallback's log line and page notice."""
+    spec = MODELS.get(model)
+    fetch = f"`hf download {model}`" + (f" and its base `hf download {spec.base}`" if spec is not None and spec.base else "")
+    return (
+        f"For the full 512 px model, start once with network (it is then kept in the Hugging Face cache: HF_HOME, "
+        f"~/.cache/huggingface by default) or fetch it with {fetch}; "
+        f"`--model {BUILTIN_MODEL}` runs the built-in model without trying the hub."
+    )
 
 
-def load_default_or_builtin(**kwargs) -> SDXSEngine:
-    """What runs when no --model is given: DEFAULT_MODEL, else, when it cannot be found (offline and
+def load_default_or_builtin(*, default_model: str = DEFAULT_MODEL, **kwargs) -> SDXSEngine:
+    """What runs when no --model is given: `default_model`, else, when it cannot be found (offline and
     not cached: a ModelNotFoundError), the built-in model, with one warning that says so. Other
     errors (a bad --device, a corrupt model) are not hidden by the fallback. `kwargs` go to
     SDXSEngine.from_pretrained."""
     try:
-        return SDXSEngine.from_pretrained(DEFAULT_MODEL, **kwargs)
+        return SDXSEngine.from_pretrained(default_model, **kwargs)
     except ModelNotFoundError as err:
         hub_error = err
     reason = str(hub_error).splitlines()[0]
     log.warning("No --model given, and the default model could not be loaded: %s Running the built-in model instead: %s. %s",
-                reason.rstrip(".") + ".", builtin_model(BUILTIN_MODEL).title, FULL_MODEL_HINT)
+                reason.rstrip(".") + ".", builtin_model(BUILTIN_MODEL).title, full_model_hint(default_model))
     try:
         return SDXSEngine.from_pretrained(BUILTIN_MODEL, **kwargs)
     except ModelNotFoundError as err:
-        raise ModelNotFoundError(f"{hub_error}\nNote: the built-in model '{BUILTIN_MODEL}', which runs when {DEFAULT_MODEL} "
+        raise ModelNotFoundError(f"{hub_error}\nNote: the built-in model '{BUILTIN_MODEL}', which runs when {default_model} "
                                  f"cannot be loaded, could not be loaded either: {err}") from None
 
 
@@ -111,22 +115,22 @@ def is_fallback(model_arg: str | None, engine: SDXSEngine) -> bool:
     return model_arg is None and engine.name == BUILTIN_MODEL
 
 
-def fallback_notice() -> str:
-    """The page's notice (markdown) when the app runs the built-in model in place of the default."""
+def fallback_notice(default_model: str = DEFAULT_MODEL) -> str:
+    """The page's notice (markdown) when the app runs the built-in model in place of `default_model`."""
     return (
-        f"**Running the built-in model, {builtin_model(BUILTIN_MODEL).title}:** the full model {DEFAULT_MODEL} could "
-        f"not be loaded (no network and not in the Hugging Face cache; the server log says why). {FULL_MODEL_HINT}"
+        f"**Running the built-in model, {builtin_model(BUILTIN_MODEL).title}:** the full model {default_model} could "
+        f"not be loaded (no network and not in the Hugging Face cache; the server log says why). {full_model_hint(default_model)}"
     )
 
 
-def load_engine_or_exit(args, **kwargs) -> SDXSEngine:
+def load_engine_or_exit(args, *, default_model: str = DEFAULT_MODEL, **kwargs) -> SDXSEngine:
     """Load once at start-up (and warm up, so tracing/compiling is not a visitor's wait); on
     failure print one actionable message (no traceback) and exit 2. `args.model` None (flags with
-    builtin_fallback): the default model, else the built-in one (load_default_or_builtin)."""
+    builtin_fallback): `default_model`, else the built-in one (load_default_or_builtin)."""
     try:
         options = dict(device=args.device, dtype=args.dtype, backend=args.backend, **kwargs)
         if args.model is None:
-            engine = load_default_or_builtin(**options)
+            engine = load_default_or_builtin(default_model=default_model, **options)
         else:
             engine = SDXSEngine.from_pretrained(args.model, **options)
     except (ModelNotFoundError, ValueError, OSError) as err:

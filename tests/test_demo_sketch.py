@@ -1,4 +1,10 @@
-"""The sketch app's handler, called directly: empty canvas, strokes, styles, bad input."""
+"""The sketch app's handler, called directly: empty canvas, strokes, styles, bad input; its built-in model."""
+
+import inspect
+import json
+import logging
+import shutil
+from dataclasses import replace
 
 import gradio as gr
 import numpy as np
@@ -6,7 +12,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 import demo_sketch
+from conftest import ROOT
+from sdxs import SDXSEngine
+from sdxs.registry import BUILTIN, BUILTIN_MODEL, SKETCH_MODEL
+from sdxs.sketch import prepare_sketch
 from sdxs.styles import STYLES, apply_style
+from sdxs.webapp import fallback_notice, sketch_size
 
 
 def canvas_value(draw=True):
@@ -135,11 +146,174 @@ def test_api_is_one_named_live_endpoint_that_drops_stale_strokes(tiny_engine):
 
 
 def test_a_model_without_controlnet_is_one_error_line(tiny_model_dir, tmp_path, capsys):
-    import shutil
-
     shutil.copytree(tiny_model_dir, tmp_path / "text-only", ignore=shutil.ignore_patterns("controlnet"))
     assert demo_sketch.main(["--model", str(tmp_path / "text-only"), "--backend", "torch"]) == 2
     assert "has no ControlNet; use IDKiro/sdxs-512-dreamshaper-sketch or a folder with controlnet/" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         demo_sketch.main(["--model", str(tmp_path / "missing"), "--backend", "torch"])
     assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# --- the built-in sketch model: `python demo_sketch.py` offline runs models/mini-sdxs with its controlnet/ ----------
+# Built here, in temporary copies of models/mini-sdxs, with a random ControlNet of the built-in one's architecture:
+# nothing depends on what the bundled (or a stand-in) ControlNet draws, nor on whether the checkout has one yet.
+
+MINI = BUILTIN[BUILTIN_MODEL]
+
+
+def write_mini_sketch_controlnet(folder) -> None:
+    """`folder`/controlnet/: the student ControlNet of the built-in model (issue 15's mini architecture: the
+    mini U-Net's encoder, 64x64 sketches through a conditioning embedding that halves twice), random weights
+    with its zero convolutions perturbed so the sketch acts (as make-tiny's)."""
+    from diffusers import ControlNetModel
+
+    from sdxs.build import _randomise_zero_convs
+
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    shared = {k: v for k, v in unet.items() if k in inspect.signature(ControlNetModel.__init__).parameters}
+    controlnet = ControlNetModel(**dict(
+        shared, in_channels=4, block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        layers_per_block=1, attention_head_dim=4, cross_attention_dim=128, conditioning_embedding_out_channels=(16, 32, 64),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+    ))
+    _randomise_zero_convs(controlnet)
+    controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+
+
+def copy_builtin_folder(dest, *, with_controlnet: bool):
+    """A copy of models/mini-sdxs at `dest`, with a random sketch ControlNet or with none."""
+    shutil.copytree(MINI.folder, dest, ignore=shutil.ignore_patterns("controlnet"))
+    if with_controlnet:
+        write_mini_sketch_controlnet(dest)
+    return dest
+
+
+def sketch_checkout(dest):
+    """A fresh checkout whose models/mini-sdxs has a sketch ControlNet: the package, demo_sketch.py and the
+    built-in folder (sdxs finds models/ next to itself); run `python DEST/demo_sketch.py` with PYTHONPATH=DEST."""
+    shutil.copytree(ROOT / "sdxs", dest / "sdxs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "demo_sketch.py", dest / "demo_sketch.py")
+    copy_builtin_folder(dest / "models" / MINI.folder.name, with_controlnet=True)
+    return dest
+
+
+def load_builtin(folder) -> SDXSEngine:
+    """The built-in model ("mini", so the apps treat it as such) loaded from `folder`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(BUILTIN, BUILTIN_MODEL, replace(MINI, folder=folder))
+        return SDXSEngine.from_pretrained(BUILTIN_MODEL, device="cpu", backend="torch")
+
+
+@pytest.fixture(scope="module")
+def builtin_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("builtin")
+    return {"sketch": copy_builtin_folder(root / "with-controlnet" / "mini-sdxs", with_controlnet=True),
+            "text": copy_builtin_folder(root / "text-only" / "mini-sdxs", with_controlnet=False)}
+
+
+@pytest.fixture(scope="module")
+def builtin_sketch_engine(builtin_dirs):
+    return load_builtin(builtin_dirs["sketch"])
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch, tmp_path):
+    """Offline with an empty Hugging Face cache, in this process: every hub id is a ModelNotFoundError."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """main() up to Gradio's launch: what it would serve (the Blocks and launch's kwargs), no server."""
+    served = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: served.update(kwargs, blocks=self))
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # launch() lowers it; restored after
+    return served
+
+
+def component(demo, elem_id):
+    return next((b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id), None)
+
+
+def served_generate(demo):
+    """The handler the page's strokes call (the /sketch endpoint)."""
+    [fn] = [fn for fn in demo.fns.values() if fn.api_name == "sketch"]
+    return fn.fn
+
+
+def test_without_model_offline_serves_the_built_in_sketch_model_with_a_notice(builtin_dirs, hub_unreachable, launched, monkeypatch, caplog):
+    monkeypatch.setitem(BUILTIN, BUILTIN_MODEL, replace(MINI, folder=builtin_dirs["sketch"]))
+    with caplog.at_level(logging.WARNING, logger="sdxs"):
+        assert demo_sketch.main(["--backend", "torch", "--port", "7997"]) == 0
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"Could not find or download model '{SKETCH_MODEL}'" in warning and MINI.title in warning
+    demo = launched["blocks"]
+    notice = component(demo, "fallback-notice").value
+    assert notice == fallback_notice(SKETCH_MODEL)
+    assert f"the full model {SKETCH_MODEL} could not be loaded" in notice  # the sketch model, and its base, to fetch
+    assert f"`hf download {SKETCH_MODEL}` and its base `hf download IDKiro/sdxs-512-dreamshaper`" in notice
+    assert launched["css"] == demo_sketch.PIXELATED_IMAGES_CSS  # 64 px images fill their boxes, pixelated
+    assert component(demo, "prompt").value == "grinning face"
+    # What a stroke on that page makes: a 64 px emoji from a 64 px sketch, read through the caption form.
+    image, seen, status = served_generate(demo)(canvas_value(), "grinning face", "{prompt}", 0.8, 2)
+    assert image.size == seen.size == (64, 64) and f"`{MINI.captions()['grinning face']}`" in status
+
+
+def test_model_mini_is_served_without_a_notice(builtin_dirs, launched, monkeypatch):
+    monkeypatch.setitem(BUILTIN, BUILTIN_MODEL, replace(MINI, folder=builtin_dirs["sketch"]))
+    assert demo_sketch.main(["--model", "mini", "--backend", "torch", "--port", "7996"]) == 0
+    assert component(launched["blocks"], "fallback-notice") is None and launched["css"] == demo_sketch.PIXELATED_IMAGES_CSS
+
+
+@pytest.mark.parametrize("argv", [[], ["--model", "mini"]], ids=["fallback", "model-mini"])
+def test_a_built_in_model_without_controlnet_says_what_to_do(builtin_dirs, hub_unreachable, launched, monkeypatch, capsys, argv):
+    monkeypatch.setitem(BUILTIN, BUILTIN_MODEL, replace(MINI, folder=builtin_dirs["text"]))
+    assert demo_sketch.main([*argv, "--backend", "torch", "--port", "7995"]) == 2
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "the built-in model 'mini' has no sketch ControlNet: models/mini-sdxs/controlnet/ is missing" in line
+    assert "git checkout -- models/mini-sdxs" in line and f"hf download {SKETCH_MODEL}" in line
+    assert (f"{SKETCH_MODEL} could not be loaded" in line) == (argv == [])  # the fallback says why the built-in model ran
+    assert "Traceback" not in err and not launched  # nothing served
+
+
+def test_the_built_in_sketch_model_reads_64_px_sketches_and_captions(builtin_sketch_engine):
+    engine = builtin_sketch_engine
+    assert sketch_size(engine) == 64 and engine.native_size == 64
+    caption = MINI.captions()["grinning face"]
+    image, seen, status = demo_sketch.make_generate(engine)(canvas_value(), "grinning face", "{prompt}", 0.8, 3)
+    assert seen.tobytes() == prepare_sketch(canvas_value(), 64).tobytes()  # the drawn circle, at the ControlNet's size
+    expected = engine.sketch_to_image(canvas_value(), caption, seed=3, control_strength=0.8).images[0]
+    assert image.size == (64, 64) and image.tobytes() == expected.tobytes()
+    assert f"Prompt as the model read it: `{caption}`" in status and f"seed 3 · {MINI.title}" in status
+    without_sketch = engine.sketch_to_image(canvas_value(), caption, seed=3, control_strength=0.0).images[0]
+    assert image.tobytes() != without_sketch.tobytes()  # the sketch acts
+    # The page: its own default prompt, no style templates (a style would garble the caption form).
+    demo = demo_sketch.build_demo(engine)
+    assert component(demo, "prompt").value == "grinning face"
+    assert component(demo, "styles").visible is False
+    assert any(f"`{caption}`" in b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown))
+
+
+def test_a_512_px_model_keeps_its_page(tiny_engine):
+    demo = demo_sketch.build_demo(tiny_engine)
+    assert demo_sketch.page_css(tiny_engine) is None and sketch_size(tiny_engine) == 512
+    assert component(demo, "prompt").value == demo_sketch.DEFAULT_PROMPT and component(demo, "fallback-notice") is None
+    assert component(demo, "styles").visible is True
+
+
+def test_app_text_to_image_is_unchanged_by_the_built_in_controlnet(builtin_dirs, builtin_sketch_engine, launched, monkeypatch):
+    import app
+
+    text_only = load_builtin(builtin_dirs["text"])
+    with_controlnet, _, status = app.make_generate(builtin_sketch_engine)("grinning face", 4, False, 2, "tiny")
+    without, _, _ = app.make_generate(text_only)("grinning face", 4, False, 2, "tiny")
+    assert [i.tobytes() for i in with_controlnet] == [i.tobytes() for i in without] and MINI.captions()["grinning face"] in status
+    monkeypatch.setitem(BUILTIN, BUILTIN_MODEL, replace(MINI, folder=builtin_dirs["sketch"]))
+    assert app.main(["--model", "mini", "--backend", "torch", "--port", "7994"]) == 0  # app.py serves it as before
+    assert "image-rendering: pixelated" in launched["css"]
