@@ -292,3 +292,22 @@ def test_bad_flags_are_refused_with_what_to_do(teacher, tmp_path, capsys):
     with pytest.raises(SystemExit, match="not stage B's student"):
         loaded = common.load_teacher(str(teacher), CPU, torch.float32)
         stage.check_stage_b_student(loaded.unet, loaded.unet, "--student")
+
+
+def test_each_training_control_is_extracted_from_its_own_image(parts):
+    """Modes teacher and distill: the control of sample i comes from sample i's cached image, and x_t from
+    its latents (stage B's kd_inputs)."""
+    from diffusers import DDPMScheduler
+
+    loaded = parts[0]
+    images = sketches(3) * 2 - 1  # three different pictures in [-1, 1]
+    batch = {"latents": torch.randn(3, 4, 8, 8), "image": images, "prompt": ["a", "b", "c"]}
+    x_t, t, states, noise, control = stage.controlled_inputs(
+        batch, torch.Generator().manual_seed(0), noise_scheduler=DDPMScheduler.from_config(loaded.scheduler_config),
+        tokenizer=loaded.tokenizer, text_encoder=loaded.text_encoder, caption_dropout=0.0, kind="sketch",
+        depth_estimator=None, device=CPU)
+    for i in range(3):
+        assert torch.equal(control[i : i + 1], stage.image_controls(images[i : i + 1], "sketch"))
+    assert not torch.equal(control[0], control[1])
+    abar = DDPMScheduler.from_config(loaded.scheduler_config).alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, abar.sqrt() * batch["latents"] + (1 - abar).sqrt() * noise)

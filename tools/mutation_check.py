@@ -39,6 +39,7 @@ class Mutation:
 STAGE_A = ("tests/test_distill_decoder.py",)
 STAGE_B = ("tests/test_distill_unet.py",)
 STAGE_C = ("tests/test_distill_one_step.py",)
+STAGE_D = ("tests/test_distill_controlnet.py",)
 COMMON = ("tests/test_train_common.py",)
 TEACHER = ("tests/test_train_teacher.py",)
 
@@ -503,6 +504,33 @@ MUTATIONS: list[Mutation] = [
              "if warning and not main_process:",
              (f"{STAGE_C[0]}::test_online_pairs_lcm_psi_accumulation_and_fm_falls_on_a_fixed_batch",),
              "no warning when psi runs LCM steps on a plain teacher"),
+    # --- stage D (train/distill_controlnet.py), issue 15 ------------------------------------------------
+    Mutation("controlnet_feature_kd_on_encoder_blocks", "train/distill_controlnet.py",
+             'if pair[0].startswith("up_blocks.")]',
+             'if pair[0].startswith("down_blocks.")]',
+             (f"{STAGE_D[0]}::test_feature_kd_trains_the_student_controlnet", f"{STAGE_D[0]}::test_feature_kd_pairs_are_the_decoder_blocks"),
+             "feature KD on the U-Net encoder blocks, which the ControlNet never reaches"),
+    Mutation("controlnet_triplet_control_of_another_sample", "train/distill_controlnet.py",
+             "control = triplet_controls(pair.target, vae, kind, depth_estimator)",
+             "control = triplet_controls(pair.target.roll(1, 0), vae, kind, depth_estimator)",
+             (f"{STAGE_D[0]}::test_each_triplet_control_is_extracted_from_its_own_target",),
+             "the one-step triplet's control comes from another sample's target"),
+    Mutation("controlnet_training_control_of_another_image", "train/distill_controlnet.py",
+             'image_controls(batch["image"].to(device), kind, depth_estimator)',
+             'image_controls(batch["image"].roll(1, 0).to(device), kind, depth_estimator)',
+             (f"{STAGE_D[0]}::test_each_training_control_is_extracted_from_its_own_image",),
+             "modes teacher/distill train on another image's control"),
+    Mutation("controlnet_residual_conv_by_index_not_block", "train/distill_controlnet.py",
+             'f"controlnet_down_blocks.{teacher_residuals.index(blocks.get(name, name))}"',
+             'f"controlnet_down_blocks.{j}"',
+             (f"{STAGE_D[0]}::test_at_sd_scale_the_student_controlnet_is_the_released_sketch_models_architecture",
+              f"{STAGE_D[0]}::test_student_controlnet_starts_from_the_teacher_controlnets_weights"),
+             "the student's residual convolutions copied by position, not by the block they read"),
+    Mutation("controlnet_offline_cfg_uncond_without_control", "train/distill_one_step.py",
+             "both = None if control is None else torch.cat([control, control])",
+             "both = None if control is None else torch.cat([torch.ones_like(control), control])",
+             (f"{STAGE_D[0]}::test_offline_score_sees_the_control_in_both_cfg_branches",),
+             "the offline score's unconditional branch sees a blank control"),
     # --- teacher (train/train_teacher.py) ------------------------------------------------------------
     Mutation("teacher_loss_target_x0", "train/train_teacher.py",
              'F.mse_loss(unet(x_t, t, encoder_hidden_states=states).sample, noise)',

@@ -61,20 +61,20 @@ _STAGE_D = {
 _MODE = {
     "teacher": {
         "smoke": dict(lr=1e-3, max_steps=6, checkpoint_every=3, caption_dropout=0.5),
-        "mini": dict(batch_size=32, lr=5e-4, ema_decay=0.0, max_steps=1000, checkpoint_every=100, sample_every=250,
+        "mini": dict(batch_size=16, lr=5e-4, ema_decay=0.0, max_steps=800, checkpoint_every=100, sample_every=100,
                      caption_dropout=0.5, num_samples=0, sampler_steps=25),  # [ControlNet] 50% empty prompts: learn from the control
         "paper": dict(lr=1e-5, max_steps=50_000, caption_dropout=0.5, ema_decay=0.0),  # [ControlNet] lr 1e-5
     },
     "distill": {
         "smoke": dict(lr=1e-3, max_steps=6, checkpoint_every=3, caption_dropout=0.1),
-        "mini": dict(batch_size=32, lr=2e-4, ema_decay=0.99, max_steps=500, checkpoint_every=100, sample_every=250,
+        "mini": dict(batch_size=16, lr=2e-4, ema_decay=0.99, max_steps=400, checkpoint_every=100, sample_every=200,
                      caption_dropout=0.1, num_samples=0, sampler_steps=25),
         "paper": dict(lr=1e-5, max_steps=20_000, caption_dropout=0.1),
     },
     "one_step": {
         "smoke": dict(max_steps=6, checkpoint_every=3, fm_warmup_steps=2, schedule_steps=3, caption_dropout=0.0),
-        "mini": dict(lr=1e-4, ema_decay=0.99, max_steps=600, checkpoint_every=100, sample_every=200, fm_warmup_steps=100,
-                     schedule_steps=300, caption_dropout=0.0),  # the mini stage C's 2,048 pairs and psi
+        "mini": dict(batch_size=16, lr=1e-4, ema_decay=0.99, max_steps=500, checkpoint_every=100, sample_every=100,
+                     fm_warmup_steps=100, schedule_steps=250, caption_dropout=0.0),  # the mini stage C's 2,048 pairs and psi
         "paper": dict(lr=1e-5, max_steps=10_000, fm_warmup_steps=500, schedule_steps=5000, caption_dropout=0.0),
     },
 }
@@ -294,6 +294,16 @@ def controlnet_kd_step(student: ControlledUNet, teacher: ControlledUNet, hooks: 
     loss_out = stage_b.output_kd_loss(student_eps, teacher_eps)  # Eq. 6
     loss_feat = stage_b.feature_kd_loss(hooks.student.features, hooks.teacher.features, hooks.pairs)  # Eq. 7, decoder only
     return {"loss": loss_out + lambda_feat * loss_feat, "loss_out": loss_out, "loss_feat": loss_feat}
+
+
+def controlled_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tokenizer, text_encoder, caption_dropout: float,
+                      kind: str, depth_estimator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """What one micro-batch of modes teacher and distill feeds its step: stage B's (x_t, t, text states,
+    noise) of the cached latents, and each sample's control extracted from its OWN cached image."""
+    x_t, t, states, noise = stage_b.kd_inputs(batch, gen, noise_scheduler=noise_scheduler, tokenizer=tokenizer,
+                                              text_encoder=text_encoder, caption_dropout=caption_dropout, device=device,
+                                              return_noise=True)
+    return x_t, t, states, noise, image_controls(batch["image"].to(device), kind, depth_estimator)
 
 
 def reinit_noise(noise: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
@@ -570,11 +580,10 @@ def main(argv: list[str] | None = None) -> int:
             sums, updated, n_seen, row_extra = dict.fromkeys(LOSSES[mode], 0.0), False, 0, {}
             for k in range(micro_per_step):
                 micro_gen = common.step_generator(args.seed, 0 if args.overfit_batch else step * micro_per_step + k, accelerator.process_index)
-                batch = next(batches)
-                x_t, t, states, noise = stage_b.kd_inputs(batch, micro_gen, noise_scheduler=noise_scheduler, tokenizer=teacher.tokenizer,
-                                                          text_encoder=teacher.text_encoder, caption_dropout=args.caption_dropout,
-                                                          device=device, return_noise=True)
-                control = image_controls(batch["image"].to(device), args.control, depth_estimator)  # each sample's own image
+                x_t, t, states, noise, control = controlled_inputs(
+                    next(batches), micro_gen, noise_scheduler=noise_scheduler, tokenizer=teacher.tokenizer,
+                    text_encoder=teacher.text_encoder, caption_dropout=args.caption_dropout, kind=args.control,
+                    depth_estimator=depth_estimator, device=device)
                 with accelerator.accumulate(trained):
                     if mode == "teacher":
                         losses = controlnet_denoising_step(trained, x_t, t, states, control, noise)
