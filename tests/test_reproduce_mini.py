@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,15 +49,19 @@ def smoke_run(tmp_path_factory):
     data = emoji_like_folder(root / "data")
     out = root / "run"
     result = subprocess.run([sys.executable, "train/reproduce_mini.py", "--output_dir", str(out), "--data", str(data), "--smoke"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, data, result.stderr
 
 
 def test_smoke_run_trains_every_stage_through_the_mini_preset_and_writes_the_table(smoke_run):
     out, _, log = smoke_run
-    for name in ("decoder", "unet", "one-step", "one-step-warmup", "one-step-no-warmup"):
+    for name in ("decoder", "unet", "one-step", "one-step-warmup", "one-step-no-warmup", "controlnet-teacher", "controlnet-distill",
+                 "controlnet-one-step"):
         assert (out / name / "final" / "model_index.json").is_file(), name
+    for name in ("controlnet-teacher", "controlnet-distill", "controlnet-one-step"):
+        assert (out / name / "final" / "controlnet" / "config.json").is_file(), name
+    assert (out / "eval-controlnet" / "controlnet.json").is_file() and (out / "eval-controlnet" / "controlnet.md").is_file()
     report = json.loads((out / "eval" / "stages.json").read_text())
     keys = [r["key"] for r in report["rows"]]
     assert keys == ["teacher", "psi", "teacher_tiny_decoder", "student_multi_step", "one_step_fm_only", "mini_sdxs",
@@ -93,6 +98,16 @@ def test_stages_are_wired_to_each_other(smoke_run):
     assert all(config[name]["preset"] == "mini" for name in config)
     final = json.loads((out / "one-step" / "final" / "model_index.json").read_text())
     assert final["vae"] == ["diffusers", "AutoencoderTiny"]
+    # stage D: the teacher ControlNet drives the distillation against stage B's student, whose result starts
+    # the one-step ControlNet with stage C's one-step U-Net
+    cn = {name: json.loads((out / name / "checkpoints").glob("step-*/meta.json").__next__().read_text())["config"]
+          for name in ("controlnet-teacher", "controlnet-distill", "controlnet-one-step")}
+    assert [cn[name]["mode"] for name in cn] == ["teacher", "distill", "one_step"]
+    assert cn["controlnet-distill"]["teacher_controlnet"] == cn["controlnet-one-step"]["teacher_controlnet"] == str(out / "controlnet-teacher" / "final")
+    assert cn["controlnet-distill"]["student"] == str(out / "unet" / "final")
+    assert cn["controlnet-one-step"]["student"] == str(out / "one-step" / "final")
+    assert cn["controlnet-one-step"]["student_controlnet"] == str(out / "controlnet-distill" / "final")
+    assert all(c["preset"] == "mini" and c["control"] == "sketch" for c in cn.values())
 
 
 def test_the_final_folder_runs_in_the_sdxs_engine_at_its_native_64_px(smoke_run):
@@ -110,7 +125,7 @@ def test_a_second_run_skips_finished_stages(smoke_run):
     result = subprocess.run([sys.executable, "train/reproduce_mini.py", "--output_dir", str(out), "--data", str(data), "--smoke",
                              "--no_eval"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stderr.count("skipped") == 5 and "python train/" not in result.stderr
+    assert result.stderr.count("skipped") == 8 and "python train/" not in result.stderr  # A, B, C, warm-up, 3 of D, ablation
 
 
 def test_missing_data_says_how_to_build_it(tmp_path):
@@ -186,22 +201,30 @@ def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_ru
     dest, figures = tmp_path / "mini-sdxs", tmp_path / "figures"
     dest.mkdir()
     start, end = reproduce_mini.TABLE_START, reproduce_mini.TABLE_END
-    (dest / "README.md").write_text(f"the card\n{start}\nold table\n{end}\nmore text\n")
+    sketch_start, sketch_end = reproduce_mini.CONTROLNET_TABLE_START, reproduce_mini.CONTROLNET_TABLE_END
+    (dest / "README.md").write_text(f"the card\n{start}\nold table\n{end}\nmore text\n{sketch_start}\nold\n{sketch_end}\n")
     reproduce_mini.export(out, dest, figures, data)
     table = (out / "eval" / "stages.md").read_text().strip()
+    sketch_table = (out / "eval-controlnet" / "controlnet.md").read_text().strip()
     assert json.loads((dest / "captions.json").read_text()) == reproduce_mini.caption_table(data)
     for config in dest.rglob("config.json"):  # no machine paths in a bundled folder
         assert not Path(json.loads(config.read_text()).get("_name_or_path", "x")).is_absolute(), config
-    assert (dest / "README.md").read_text() == f"the card\n{start}\n{table}\n{end}\nmore text\n"
+    assert (dest / "README.md").read_text() == f"the card\n{start}\n{table}\n{end}\nmore text\n{sketch_start}\n{sketch_table}\n{sketch_end}\n"
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae_large/config.json", "text_encoder/config.json",
-                 "tokenizer/vocab.json", "scheduler/scheduler_config.json", "model_index.json", "training/stages.md"):
+                 "tokenizer/vocab.json", "scheduler/scheduler_config.json", "model_index.json", "training/stages.md",
+                 "controlnet/diffusion_pytorch_model.safetensors", "training/controlnet.md", "training/controlnet.json"):
         assert (dest / part).is_file(), part
     assert json.loads((dest / "training" / "stages.json").read_text()) == json.loads((out / "eval" / "stages.json").read_text())
-    assert sorted(p.name for p in figures.iterdir()) == ["loss-decoder.png", "loss-one-step.png", "loss-unet.png",
-                                                         "stages-grid.png", "stages-quality-latency.png"]
+    assert sorted(p.name for p in figures.iterdir()) == ["controlnet-grid.png", "loss-controlnet-distill.png", "loss-controlnet-one-step.png",
+                                                         "loss-controlnet-teacher.png", "loss-decoder.png", "loss-one-step.png",
+                                                         "loss-unet.png", "stages-grid.png", "stages-quality-latency.png"]
+    exported = load_file(dest / "controlnet" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(out / "controlnet-one-step" / "final" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)  # the one-step ControlNet, not the distilled one
     from sdxs import SDXSEngine
 
-    assert SDXSEngine.from_pretrained(str(dest), device="cpu", backend="torch").native_size == 64
+    engine = SDXSEngine.from_pretrained(str(dest), device="cpu", backend="torch")
+    assert engine.native_size == 64 and engine.components.controlnet is not None
 
 
 def test_the_caption_table_maps_names_and_short_names_of_one_style_to_training_captions(tmp_path):

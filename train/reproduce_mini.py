@@ -14,8 +14,12 @@ Each stage is the same script a researcher runs at paper scale, with `--preset m
    warm-up then segmented score distillation (Eqs. 10-12); psi = 10 DPM-Solver++ steps of the teacher
    with its CFG 4 (see train/README.md for why);
 4. stage C through its warm-up only (OUTPUT_DIR/one-step-warmup: the table's "FM warm-up only" row);
-5. the ablation: stage C again without the FM warm-up (`--fm_warmup_steps 0`), same steps and pairs;
-6. the table: `train/evaluate_stages.py` scores every stage on the val split.
+5. stage D, `train/distill_controlnet.py`, the sketch chain: a sketch ControlNet for the teacher (mode
+   teacher, sketches extracted from the emoji images), distilled into the student's ControlNet (mode
+   distill, against stage B's U-Net), then trained with the one-step U-Net (mode one_step);
+6. the ablation: stage C again without the FM warm-up (`--fm_warmup_steps 0`), same steps and pairs;
+7. the tables: `train/evaluate_stages.py` scores every stage on the val split, `train/evaluate_controlnet.py`
+   the sketch models (FD, retrieval, latency, control fidelity).
 
 Resumable stage by stage: a stage whose `final/` exists is skipped, a killed stage continues from its last
 checkpoint (`--resume latest`), the caches are shared (OUTPUT_DIR/cache). The final mini SDXS is
@@ -44,11 +48,15 @@ SMOKE = {
     "unet": SMOKE_DATA + ["--max_steps", "2", "--sample_steps", "2", "--lr_warmup_steps", "0"],
     "one-step": SMOKE_DATA + ["--max_steps", "3", "--fm_warmup_steps", "1", "--schedule_steps", "2", "--sampler_steps", "2",
                               "--lr_warmup_steps", "0"],
+    "controlnet-teacher": SMOKE_DATA + ["--max_steps", "2", "--sample_steps", "2", "--lr_warmup_steps", "0"],
+    "controlnet-distill": SMOKE_DATA + ["--max_steps", "2", "--sample_steps", "2", "--lr_warmup_steps", "0"],
+    "controlnet-one-step": SMOKE_DATA + ["--max_steps", "2", "--fm_warmup_steps", "1", "--schedule_steps", "1", "--sampler_steps", "2",
+                                         "--lr_warmup_steps", "0"],
 }
 SMOKE_EVAL = ["--num_images", "8", "--teacher_steps", "2", "--latency_runs", "2"]
 
 
-def stage_commands(out: Path, data: Path, teacher: Path, *, smoke: bool, ablation: bool) -> list[tuple[str, list[str]]]:
+def stage_commands(out: Path, data: Path, teacher: Path, *, smoke: bool, ablation: bool, controlnet: bool = True) -> list[tuple[str, list[str]]]:
     """(name, argv) of every training run, in order; each writes OUTPUT_DIR/<name>/final."""
     shared = ["--preset", "mini", "--teacher", str(teacher), "--image_folder", str(data / "train"),
               "--cache_dir", str(out / "cache"), "--resume", "latest"]
@@ -69,6 +77,15 @@ def stage_commands(out: Path, data: Path, teacher: Path, *, smoke: bool, ablatio
     warmup = "1" if smoke else str(PRESETS_ONE_STEP["mini"]["fm_warmup_steps"])
     commands.append(run("distill_one_step.py", "one-step-warmup", "--student", str(out / "unet" / "final"),
                         "--tiny_decoder", tiny, "--max_steps", warmup))
+    if controlnet:  # stage D, the sketch chain: teacher ControlNet, distilled to the student, trained with one step
+        teacher_cn = str(out / "controlnet-teacher" / "final")
+        commands += [
+            run("distill_controlnet.py", "controlnet-teacher", "--mode", "teacher"),
+            run("distill_controlnet.py", "controlnet-distill", "--mode", "distill", "--teacher_controlnet", teacher_cn,
+                "--student", str(out / "unet" / "final")),
+            run("distill_controlnet.py", "controlnet-one-step", "--mode", "one_step", "--teacher_controlnet", teacher_cn,
+                "--student", str(out / "one-step" / "final"), "--student_controlnet", str(out / "controlnet-distill" / "final")),
+        ]
     if ablation:
         commands.append(run("distill_one_step.py", "one-step-no-warmup", "--student", str(out / "unet" / "final"),
                             "--tiny_decoder", tiny, "--fm_warmup_steps", "0"))
@@ -98,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", default=str(TEACHER), help="the multi-step teacher pipeline (default models/emoji-teacher)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: every stage and the evaluation in about a minute")
     parser.add_argument("--no_ablation", action="store_true", help="skip the one-step run without the FM warm-up")
+    parser.add_argument("--no_controlnet", action="store_true", help="skip stage D (the sketch ControlNet chain)")
     parser.add_argument("--no_eval", action="store_true", help="train only; run train/evaluate_stages.py later")
     parser.add_argument("--export", default=None,
                         help="after the evaluation, copy the mini SDXS folder here (e.g. models/mini-sdxs; its README.md card is "
@@ -107,14 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 TABLE_START, TABLE_END = "<!-- stage table: written by reproduce_mini.py --export -->", "<!-- end of stage table -->"
+CONTROLNET_TABLE_START = "<!-- sketch table: written by reproduce_mini.py --export -->"
+CONTROLNET_TABLE_END = "<!-- end of sketch table -->"
 
 
-def with_stage_table(card: str, table: str) -> str:
-    """`card` with the text between TABLE_START and TABLE_END replaced by `table` (unchanged without markers)."""
-    if TABLE_START not in card or TABLE_END not in card:
+def with_stage_table(card: str, table: str, markers: tuple[str, str] | None = None) -> str:
+    """`card` with the text between the markers (default TABLE_START, TABLE_END) replaced by `table`
+    (unchanged without them)."""
+    start, end = markers or (TABLE_START, TABLE_END)
+    if start not in card or end not in card:
         return card
-    head, rest = card.split(TABLE_START, 1)
-    return f"{head}{TABLE_START}\n{table.strip()}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+    head, rest = card.split(start, 1)
+    return f"{head}{start}\n{table.strip()}\n{end}{rest.split(end, 1)[1]}"
+
+
+def copy_model_files(src: Path, dest: Path) -> None:
+    """Copy a model folder's files, with diffusers' `_name_or_path` (where it was loaded from) made
+    relative: no machine paths in a bundled folder."""
+    import shutil
+
+    from train.evaluate_stages import shown_path
+
+    for path in sorted(src.rglob("*")):
+        if path.is_file():
+            target = dest / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            if path.name == "config.json":
+                config = json.loads(target.read_text())
+                if "_name_or_path" in config:
+                    config["_name_or_path"] = shown_path(config["_name_or_path"])
+                    target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def caption_table(data: Path, style: str = "google") -> dict[str, str]:
@@ -146,18 +187,13 @@ def export(out: Path, dest: Path, figures: Path, data: Path | None = None) -> No
     final = out / "one-step" / "final"
     if not (out / "eval" / "stages.json").is_file():
         raise SystemExit(f"--export needs the evaluation ({out / 'eval' / 'stages.json'}): run without --no_eval first.")
-    from train.evaluate_stages import shown_path
-
-    for path in sorted(final.rglob("*")):
-        if path.is_file():
-            target = dest / path.relative_to(final)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-            if path.name == "config.json":  # diffusers records where it loaded from: no machine paths in a bundled folder
-                config = json.loads(target.read_text())
-                if "_name_or_path" in config:
-                    config["_name_or_path"] = shown_path(config["_name_or_path"])
-                    target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    copy_model_files(final, dest)
+    sketch_final = out / "controlnet-one-step" / "final"
+    if (sketch_final / "controlnet").is_dir():  # stage D: the sketch ControlNet of the same one-step U-Net
+        if not (out / "eval-controlnet" / "controlnet.json").is_file():
+            raise SystemExit(f"--export needs the ControlNet evaluation ({out / 'eval-controlnet' / 'controlnet.json'}): run "
+                             "without --no_eval first.")
+        copy_model_files(sketch_final / "controlnet", dest / "controlnet")
     if data is not None:
         table = caption_table(data)
         (dest / "captions.json").write_text(json.dumps(dict(sorted(table.items())), indent=0, ensure_ascii=False) + "\n",
@@ -168,12 +204,20 @@ def export(out: Path, dest: Path, figures: Path, data: Path | None = None) -> No
     card = dest / "README.md"
     if card.is_file():  # the card's table between the markers becomes this run's
         card.write_text(with_stage_table(card.read_text(), (out / "eval" / "stages.md").read_text()))
+    if (dest / "controlnet").is_dir():
+        for name in ("controlnet.md", "controlnet.json"):
+            shutil.copy2(out / "eval-controlnet" / name, dest / "training" / name)
+        if card.is_file():
+            card.write_text(with_stage_table(card.read_text(), (out / "eval-controlnet" / "controlnet.md").read_text(),
+                                             markers=(CONTROLNET_TABLE_START, CONTROLNET_TABLE_END)))
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy2(out / "eval" / "grid.png", figures / "stages-grid.png")
     shutil.copy2(out / "eval" / "stages.png", figures / "stages-quality-latency.png")
-    for stage in ("decoder", "unet", "one-step"):
+    for stage in ("decoder", "unet", "one-step", "controlnet-teacher", "controlnet-distill", "controlnet-one-step"):
         if (out / stage / "loss_curve.png").is_file():
             shutil.copy2(out / stage / "loss_curve.png", figures / f"loss-{stage}.png")
+    if (out / "eval-controlnet" / "grid.png").is_file():
+        shutil.copy2(out / "eval-controlnet" / "grid.png", figures / "controlnet-grid.png")
     print(f"[reproduce_mini] exported {final} to {dest}, figures to {figures}", file=sys.stderr)
 
 
@@ -187,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (teacher / "model_index.json").is_file():
         raise SystemExit(f"--teacher {args.teacher}: not a pipeline folder (no model_index.json).")
     out.mkdir(parents=True, exist_ok=True)
-    for name, stage_argv in stage_commands(out, data, teacher, smoke=args.smoke, ablation=not args.no_ablation):
+    for name, stage_argv in stage_commands(out, data, teacher, smoke=args.smoke, ablation=not args.no_ablation,
+                                           controlnet=not args.no_controlnet):
         seconds = run_stage(name, stage_argv, out)
         if seconds:
             print(f"[reproduce_mini] {name}: {seconds / 60:.1f} min", file=sys.stderr, flush=True)
@@ -197,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[reproduce_mini] evaluation: python {' '.join(eval_argv)}", file=sys.stderr, flush=True)
         if subprocess.run([sys.executable, *eval_argv], cwd=ROOT).returncode != 0:
             raise SystemExit("[reproduce_mini] the evaluation failed; its output is above. The trained stages are kept.")
+        if not args.no_controlnet:
+            eval_argv = ["train/evaluate_controlnet.py", "--run", str(out), "--data", str(data), "--teacher", str(teacher),
+                         "--out", str(out / "eval-controlnet"), *(SMOKE_EVAL if args.smoke else [])]
+            print(f"[reproduce_mini] evaluation: python {' '.join(eval_argv)}", file=sys.stderr, flush=True)
+            if subprocess.run([sys.executable, *eval_argv], cwd=ROOT).returncode != 0:
+                raise SystemExit("[reproduce_mini] the ControlNet evaluation failed; its output is above. The trained stages are kept.")
     if args.export:
         export(out, Path(args.export), Path(args.figures), data)
     print(f"[reproduce_mini] done: the mini SDXS is {out / 'one-step' / 'final'}", file=sys.stderr)
