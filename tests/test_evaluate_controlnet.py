@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 from train_helpers import one_torch_thread  # noqa: F401
 
 from train import controls
@@ -266,3 +267,24 @@ def test_empty_controls_are_recognised_per_kind():
     white, black = Image.new("RGB", (64, 64), "white"), Image.new("RGB", (64, 64), "black")
     assert evc.is_empty_control("sketch", white) and not evc.is_empty_control("sketch", controls.sketch(shape_image("circle")))
     assert evc.is_empty_control("canny", black) and not evc.is_empty_control("canny", controls.canny(shape_image("circle")))
+
+
+def test_ablation_rows_appear_only_when_their_folders_exist_and_pair_the_right_parts(chain, tmp_path):
+    run, teacher, _, _ = chain
+    rows, missing = evc.controlnet_rows(run, teacher)
+    assert not any("ablation" in row.label for row in rows) and not any("ablation" in m for m in missing)
+    ablated = tmp_path / "run"
+    for name in ("controlnet-teacher", "controlnet-distill", "controlnet-one-step"):
+        shutil.copytree(run / name, ablated / name)
+    shutil.copytree(run / "controlnet-one-step" / "final", ablated / "one-step" / "final", ignore=shutil.ignore_patterns("controlnet"))
+    shutil.copytree(run / "controlnet-one-step" / "final", ablated / "controlnet-one-step-no-reinit" / "final")
+    rows, _ = evc.controlnet_rows(ablated, teacher)
+    by_key = {row.key: row for row in rows}
+    distilled_only = by_key["sketch_sdxs_distilled_only"]
+    assert distilled_only.controlnet == ablated / "controlnet-distill" / "final" / "controlnet"
+    assert distilled_only.stage.unet == ablated / "one-step" / "final" and distilled_only.stage.steps == 1
+    assert by_key["sketch_sdxs_no_noise_reinit"].controlnet == ablated / "controlnet-one-step-no-reinit" / "final" / "controlnet"
+    engine = evc.build_engine(distilled_only)  # the distilled ControlNet on the one-step folder's pipeline
+    distilled = load_file(ablated / "controlnet-distill" / "final" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    key = next(iter(distilled))
+    assert torch.equal(engine.components.controlnet.state_dict()[key], distilled[key])

@@ -88,6 +88,17 @@ def controlnet_rows(run: Path, teacher: Path, *, teacher_steps: int = 25, guidan
         ControlRow(stages.Row(f"{control}_sdxs", f"one-step {control} SDXS (mini)", one_step, student_decoder(one_step, run), 1, 0.0),
                    one_step / "controlnet", engine=control == "sketch"),
     ]
+    # Ablations, shown when their folders exist: what mode one_step adds to the distilled ControlNet, and
+    # what its --noise_reinit does (a run of mode one_step with --noise_reinit 0 in controlnet-one-step-no-reinit/).
+    plain, no_reinit = run / "one-step" / "final", run / "controlnet-one-step-no-reinit" / "final"
+    ablations = [
+        ControlRow(stages.Row(f"{control}_sdxs_distilled_only", "ablation: the distilled ControlNet on the one-step U-Net, "
+                              "no one-step training", plain, student_decoder(plain, run), 1, 0.0),
+                   distill / "controlnet", engine=control == "sketch"),
+        ControlRow(stages.Row(f"{control}_sdxs_no_noise_reinit", "ablation: one-step training without --noise_reinit",
+                              no_reinit, student_decoder(no_reinit, run), 1, 0.0), no_reinit / "controlnet", engine=control == "sketch"),
+    ]
+    candidates += [row for row in ablations if row.stage.unet.is_dir() and row.controlnet.is_dir()]
     rows = [row for row in candidates if row.controlnet.is_dir()]
     missing = [f"{row.label} ({stages.shown_path(run)}/{row.controlnet.relative_to(run).as_posix()})" for row in candidates
                if not row.controlnet.is_dir()]
@@ -112,7 +123,10 @@ def build_engine(row: ControlRow):
     """The one-step folder as the sketch demo runs it: sdxs.SDXSEngine, torch backend, fp32 on the CPU."""
     from sdxs import SDXSEngine
 
-    return SDXSEngine.from_pretrained(str(row.stage.unet), device="cpu", dtype=torch.float32, backend="torch")
+    if row.controlnet == row.stage.unet / "controlnet":
+        return SDXSEngine.from_pretrained(str(row.stage.unet), device="cpu", dtype=torch.float32, backend="torch")
+    # a ControlNet of another folder (an ablation row): the bare ControlNet on this folder's pipeline
+    return SDXSEngine.from_pretrained(str(row.controlnet), base=str(row.stage.unet), device="cpu", dtype=torch.float32, backend="torch")
 
 
 def engine_sample(engine, control_images: list, captions: list[str], *, seed: int, control_scale: float) -> torch.Tensor:
