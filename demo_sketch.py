@@ -101,6 +101,12 @@ def make_generate(engine: SDXSEngine, canvas_component: gr.ImageEditor | None = 
     return generate
 
 
+def default_strength(engine: SDXSEngine) -> float:
+    """The Control strength slider's start: the upstream demo's 0.8, and 1.0 for the built-in model, whose
+    ControlNet was trained and measured at full strength (models/mini-sdxs/README.md)."""
+    return 1.0 if builtin_model(engine.name) else 0.8
+
+
 def build_demo(engine: SDXSEngine, notice: str | None = None) -> gr.Blocks:
     """The page; `notice` (markdown), when given, is shown at the top (the built-in model's fallback
     notice). The built-in model gets its own default prompt and no style templates: it reads short
@@ -139,7 +145,8 @@ def build_demo(engine: SDXSEngine, notice: str | None = None) -> gr.Blocks:
                 with gr.Row(visible=builtin is None, elem_id="styles"):
                     style = gr.Dropdown(list(STYLES), value=DEFAULT_STYLE, label="Style", scale=1)
                     template = gr.Textbox(STYLES[DEFAULT_STYLE], label="Style template ({prompt} is replaced)", max_lines=2, scale=2)
-                strength = gr.Slider(0, 1, value=0.8, step=0.01, label="Control strength", info="How closely the image follows the sketch")
+                strength = gr.Slider(0, 1, value=default_strength(engine), step=0.01, label="Control strength",
+                                     info="How closely the image follows the sketch")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, info=f"A whole number from 0 to {MAX_SEED}", scale=3)
                     dice = gr.Button("Random seed", scale=1)

@@ -240,6 +240,11 @@ def component(demo, elem_id):
     return next((b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id), None)
 
 
+def strength_slider(demo):
+    [slider] = [b for b in demo.blocks.values() if isinstance(b, gr.Slider) and b.label == "Control strength"]
+    return slider
+
+
 def served_generate(demo):
     """The handler the page's strokes call (the /sketch endpoint)."""
     [fn] = [fn for fn in demo.fns.values() if fn.api_name == "sketch"]
@@ -297,6 +302,7 @@ def test_the_built_in_sketch_model_reads_64_px_sketches_and_captions(builtin_ske
     demo = demo_sketch.build_demo(engine)
     assert component(demo, "prompt").value == "grinning face"
     assert component(demo, "styles").visible is False
+    assert strength_slider(demo).value == 1.0  # the strength its ControlNet was trained and measured at
     assert any(f"`{caption}`" in b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown))
 
 
@@ -305,6 +311,7 @@ def test_a_512_px_model_keeps_its_page(tiny_engine):
     assert demo_sketch.page_css(tiny_engine) is None and sketch_size(tiny_engine) == 512
     assert component(demo, "prompt").value == demo_sketch.DEFAULT_PROMPT and component(demo, "fallback-notice") is None
     assert component(demo, "styles").visible is True
+    assert strength_slider(demo).value == 0.8  # the upstream demo's default
 
 
 def test_app_text_to_image_is_unchanged_by_the_built_in_controlnet(builtin_dirs, builtin_sketch_engine, launched, monkeypatch):

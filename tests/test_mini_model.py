@@ -1,5 +1,6 @@
-"""The bundled mini SDXS (models/mini-sdxs, issue 14): the released SDXS layout, the size budget, and a
-stage table that is the same in its training record, its card and the README."""
+"""The bundled mini SDXS (models/mini-sdxs, issues 14 and 15): the released SDXS layout, the size budget,
+stage and sketch tables that are the same in its training record, its card and the README, and its
+sketch ControlNet (the student ControlNet of its U-Net, drawing what the sketch shows)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from train import evaluate_stages  # noqa: E402
 
-MAX_BYTES = 60 * 1000 * 1000  # the issue's budget: at most 60 MB
+MAX_BYTES = 80 * 1000 * 1000  # issue 15's budget for the folder with its sketch ControlNet: under 80 MB
 
 
 def table_lines(markdown: str) -> list[str]:
@@ -75,3 +76,57 @@ def test_the_engine_makes_a_64_px_image_from_a_short_prompt(prompt):
     assert image.size == (64, 64)
     pixels = list(image.convert("L").getdata())
     assert max(pixels) - min(pixels) > 100  # an image with content, not a flat or blank square
+
+
+def test_the_sketch_table_is_the_same_in_the_training_record_the_card_and_the_readme():
+    table = table_lines((MINI / "training" / "controlnet.md").read_text())
+    assert len(table) >= 5  # header, rule, sketch teacher, distilled student, one-step
+    card, readme = (MINI / "README.md").read_text(), (ROOT / "README.md").read_text()
+    for line in table:
+        assert line in card, f"card lacks: {line}"
+        assert line in readme, f"README lacks: {line}"
+
+
+def test_the_sketch_controlnet_is_the_student_controlnet_of_its_unet():
+    """The shape of the released sketch model, at emoji scale: the U-Net's encoder plus a mid block, its
+    residuals one per skip connection of the U-Net, controls at 64 px (4x the 16x16 latents)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from train.distill_controlnet import controlnet_residual_names
+
+    controlnet = ControlNetModel.from_pretrained(MINI / "controlnet")
+    unet = UNet2DConditionModel.from_pretrained(MINI / "unet")
+    for key in ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim", "attention_head_dim"):
+        assert json.dumps(controlnet.config[key]) == json.dumps(unet.config[key]), key
+    assert controlnet.config.mid_block_type == "UNetMidBlock2DCrossAttn" and unet.config.mid_block_type is None
+    assert len(controlnet.controlnet_down_blocks) == len(controlnet_residual_names(unet.config)) == 4
+    assert 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1) == 4
+
+
+def _circle(box) -> "Image.Image":
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (512, 512), "white")  # as drawn on the demo's canvas, its 6 px brush
+    ImageDraw.Draw(canvas).ellipse(box, outline="black", width=6)
+    return canvas
+
+
+def test_a_drawn_circle_gives_an_emoji_that_follows_it():
+    """The issue's check, measured with the demo's inputs (a circle on the 512 px canvas, "grinning face",
+    the built-in strength 1.0): the output's own sketch (train/controls.py) lies closer to the circle than
+    the output for a wide ellipse does. An ignored sketch gives equal distances. (A wide ellipse itself is
+    not followed as well: models/mini-sdxs/README.md.)"""
+    from sdxs import SDXSEngine
+    from sdxs.registry import builtin_model
+    from sdxs.sketch import prepare_sketch
+    from train import controls
+
+    engine = SDXSEngine.from_pretrained("mini", device="cpu", backend="torch")
+    prompt = builtin_model("mini").expand_prompt("grinning face")
+    circle, ellipse = _circle((96, 96, 416, 416)), _circle((24, 150, 488, 362))
+    outputs = {name: engine.sketch_to_image(sketch, prompt, seed=0, control_strength=1.0).images[0]
+               for name, sketch in (("circle", circle), ("ellipse", ellipse))}
+    seen = prepare_sketch(circle, 64)
+    distance = {name: controls.chamfer_distance(seen, controls.sketch(image)) for name, image in outputs.items()}
+    f1 = {name: controls.edge_f1(seen, controls.sketch(image)) for name, image in outputs.items()}
+    assert distance["circle"] < distance["ellipse"] and f1["circle"] > f1["ellipse"], (distance, f1)
