@@ -985,6 +985,20 @@ def load_checkpoint(accelerator, path: Path, config: dict, *, may_change: tuple[
     return int(meta["step"])
 
 
+def resume_step(accelerator, output_dir: Path, resume: str | None, config: dict) -> int:
+    """The step a stage's loop starts after: that of the checkpoint --resume names (loaded into the
+    accelerator's models, optimizers and schedules), else 0; says which on the main process."""
+    checkpoint = find_checkpoint(output_dir, resume)
+    if checkpoint is None:
+        if resume and accelerator.is_main_process:
+            print(f"--resume {resume}: no checkpoint yet in {output_dir}; starting a new run.", file=sys.stderr)
+        return 0
+    step = load_checkpoint(accelerator, checkpoint, config)
+    if accelerator.is_main_process:
+        print(f"Resumed from {checkpoint} at step {step}.", file=sys.stderr)
+    return step
+
+
 def allowed_changes(allow_changed: str | None) -> set[str]:
     """--allow_changed "batch_size,--lr" -> {"batch_size", "lr"}."""
     return {name.strip().lstrip("-") for name in (allow_changed or "").split(",") if name.strip()}

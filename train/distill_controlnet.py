@@ -489,14 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     hooks = DecoderHooks(frozen_unet, teacher.unet) if mode == "distill" else None
     guard = common.FiniteGuard(args.skip_nonfinite, output_dir, **({"lr_flag": "--lr or --online_lr"} if mode == "one_step" else {}))
 
-    start_step = 0
-    checkpoint = common.find_checkpoint(output_dir, args.resume)
-    if checkpoint is not None:
-        start_step = common.load_checkpoint(accelerator, checkpoint, config)
-        if main_process:
-            print(f"Resumed from {checkpoint} at step {start_step}.", file=sys.stderr)
-    elif args.resume and main_process:
-        print(f"--resume {args.resume}: no checkpoint yet in {output_dir}; starting a new run.", file=sys.stderr)
+    start_step = common.resume_step(accelerator, output_dir, args.resume, config)
 
     micro_per_step = args.grad_accum
     if mode == "one_step":

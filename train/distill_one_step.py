@@ -917,14 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     models = Models(student, online, teacher.unet, encoder, optimizer, online_optimizer)
     guard = common.FiniteGuard(args.skip_nonfinite, output_dir, lr_flag="--lr or --online_lr")  # one for both models
 
-    start_step = 0
-    checkpoint = common.find_checkpoint(output_dir, args.resume)
-    if checkpoint is not None:
-        start_step = common.load_checkpoint(accelerator, checkpoint, config)
-        if main_process:
-            print(f"Resumed from {checkpoint} at step {start_step}.", file=sys.stderr)
-    elif args.resume and main_process:
-        print(f"--resume {args.resume}: no checkpoint yet in {output_dir}; starting a new run.", file=sys.stderr)
+    start_step = common.resume_step(accelerator, output_dir, args.resume, config)
 
     sampler = common.StepSampler(len(dataset), args.batch_size, seed=args.seed, first_micro_step=start_step * args.grad_accum,
                                  rank=accelerator.process_index, world=accelerator.num_processes, overfit=args.overfit_batch)

@@ -418,14 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_student = accelerator.unwrap_model(student)
     hooks = FeatureHooks(raw_student, teacher.unet)
 
-    start_step = 0
-    checkpoint = common.find_checkpoint(output_dir, args.resume)
-    if checkpoint is not None:
-        start_step = common.load_checkpoint(accelerator, checkpoint, config)
-        if main_process:
-            print(f"Resumed from {checkpoint} at step {start_step}.", file=sys.stderr)
-    elif args.resume and main_process:
-        print(f"--resume {args.resume}: no checkpoint yet in {output_dir}; starting a new run.", file=sys.stderr)
+    start_step = common.resume_step(accelerator, output_dir, args.resume, config)
 
     batches = common.make_loader(dataset, args.batch_size, seed=args.seed, first_micro_step=start_step * args.grad_accum,
                                  accelerator=accelerator, num_workers=args.num_workers, overfit=args.overfit_batch)

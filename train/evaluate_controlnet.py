@@ -242,14 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args, data: Path, tower_dir: Path) -> None:
-    for split in ("train", "val"):
-        if not (data / split / "metadata.jsonl").is_file():
-            raise SystemExit(f"--data {data}: no {split}/metadata.jsonl. Build it with: python train/emoji_data.py --out {data}")
-    if not (tower_dir / "config.json").is_file():
-        raise SystemExit(f"{tower_dir} holds no evaluation network: pass --eval_tower (e.g. models/emoji-teacher/eval_tower).")
-    for name in ("teacher_steps", "latency_runs"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be at least 1; got {getattr(args, name)}.")
+    stages.check_inputs(args, data, tower_dir)
     if not 0 <= args.control_scale <= 1:
         raise SystemExit(f"--control_scale must be between 0 and 1; got {args.control_scale}.")
     if args.control == "depth" and not args.depth_estimator:

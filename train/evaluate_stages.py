@@ -265,11 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run, teacher, data = Path(args.run), Path(args.teacher), Path(args.data)
-    out = Path(args.out) if args.out else run / "eval"
-    tower_dir = Path(args.eval_tower) if args.eval_tower else teacher / "eval_tower"
+def check_inputs(args, data: Path, tower_dir: Path) -> None:
+    """Refuse, before any model loads, a data folder without its splits, a missing evaluation network and
+    step counts below 1 (this script's and train/evaluate_controlnet.py's flags)."""
     for split in ("train", "val"):
         if not (data / split / "metadata.jsonl").is_file():
             raise SystemExit(f"--data {data}: no {split}/metadata.jsonl. Build it with: python train/emoji_data.py --out {data}")
@@ -278,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("teacher_steps", "latency_runs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be at least 1; got {getattr(args, name)}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run, teacher, data = Path(args.run), Path(args.teacher), Path(args.data)
+    out = Path(args.out) if args.out else run / "eval"
+    tower_dir = Path(args.eval_tower) if args.eval_tower else teacher / "eval_tower"
+    check_inputs(args, data, tower_dir)
     rows, missing = stage_rows(run, teacher, teacher_steps=args.teacher_steps, guidance=args.guidance,
                                psi_steps=psi_steps_of(run) if args.psi_steps is None else args.psi_steps)
     if not any(r.key == "mini_sdxs" for r in rows):

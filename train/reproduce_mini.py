@@ -107,6 +107,15 @@ def run_stage(name: str, argv: list[str], out: Path) -> float:
     return time.perf_counter() - started
 
 
+def evaluate(script: str, out: Path, data: Path, teacher: Path, dest: Path, *, smoke: bool) -> None:
+    """Run one of the table scripts (train/evaluate_stages.py, train/evaluate_controlnet.py) on the run."""
+    argv = [f"train/{script}", "--run", str(out), "--data", str(data), "--teacher", str(teacher), "--out", str(dest),
+            *(SMOKE_EVAL if smoke else [])]
+    print(f"[reproduce_mini] evaluation: python {' '.join(argv)}", file=sys.stderr, flush=True)
+    if subprocess.run([sys.executable, *argv], cwd=ROOT).returncode != 0:
+        raise SystemExit(f"[reproduce_mini] {script} failed; its output is above. The trained stages are kept.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train/reproduce_mini.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,17 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         if seconds:
             print(f"[reproduce_mini] {name}: {seconds / 60:.1f} min", file=sys.stderr, flush=True)
     if not args.no_eval:
-        eval_argv = ["train/evaluate_stages.py", "--run", str(out), "--data", str(data), "--teacher", str(teacher),
-                     "--out", str(out / "eval"), *(SMOKE_EVAL if args.smoke else [])]
-        print(f"[reproduce_mini] evaluation: python {' '.join(eval_argv)}", file=sys.stderr, flush=True)
-        if subprocess.run([sys.executable, *eval_argv], cwd=ROOT).returncode != 0:
-            raise SystemExit("[reproduce_mini] the evaluation failed; its output is above. The trained stages are kept.")
+        evaluate("evaluate_stages.py", out, data, teacher, out / "eval", smoke=args.smoke)
         if not args.no_controlnet:
-            eval_argv = ["train/evaluate_controlnet.py", "--run", str(out), "--data", str(data), "--teacher", str(teacher),
-                         "--out", str(out / "eval-controlnet"), *(SMOKE_EVAL if args.smoke else [])]
-            print(f"[reproduce_mini] evaluation: python {' '.join(eval_argv)}", file=sys.stderr, flush=True)
-            if subprocess.run([sys.executable, *eval_argv], cwd=ROOT).returncode != 0:
-                raise SystemExit("[reproduce_mini] the ControlNet evaluation failed; its output is above. The trained stages are kept.")
+            evaluate("evaluate_controlnet.py", out, data, teacher, out / "eval-controlnet", smoke=args.smoke)
     if args.export:
         export(out, Path(args.export), Path(args.figures), data)
     print(f"[reproduce_mini] done: the mini SDXS is {out / 'one-step' / 'final'}", file=sys.stderr)
