@@ -600,8 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.log_every == 0 or step == args.max_steps:
             values = common.process_mean(accelerator, sums)
             elapsed = time.perf_counter() - tick
-            common.log_row(accelerator, log, step, {"lr": lr_schedule.get_last_lr()[0], "samples_per_s": seen / max(elapsed, 1e-9),
-                                                    **row_extra, **values}, args.report_to)
+            row = {"lr": lr_schedule.get_last_lr()[0], "samples_per_s": seen / max(elapsed, 1e-9), **row_extra, **values}
+            if row.get("fm_fraction") == 0:  # as stage C: no sample in the FM segment, no L_FM value (blank, not 0)
+                row["loss_fm"] = ""
+            common.log_row(accelerator, log, step, row, args.report_to)
             tick, seen = time.perf_counter(), 0
         if common.end_of_step(accelerator, args, step, output_dir, config, progress, sample_grid, main_process):
             return 0
