@@ -270,6 +270,16 @@ def test_distill_and_one_step_smoke_results_run_in_sdxs_sketch_mode(teacher, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_distill_mode_resumes_to_the_same_controlnet(teacher, tmp_path):
+    cache = tmp_path / "cache"  # --preset smoke without --teacher_controlnet: an untrained teacher ControlNet
+    args = ["--mode", "distill", "--max_steps", "4", "--checkpoint_every", "2"]
+    assert run_stage(stage, tmp_path / "full", *args, teacher=teacher, cache_dir=cache) == 0
+    assert run_stage(stage, tmp_path / "cut", *args, "--stop_after_step", "2", teacher=teacher, cache_dir=cache) == 0
+    assert run_stage(stage, tmp_path / "cut", *args, "--resume", "latest", teacher=teacher, cache_dir=cache) == 0
+    full, cut = _cn_weights(tmp_path / "full"), _cn_weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
 def test_one_step_mode_resumes_to_the_same_controlnet(teacher, tmp_path):
     cache = tmp_path / "cache"
     args = ["--mode", "one_step", "--max_steps", "4", "--fm_warmup_steps", "1", "--checkpoint_every", "2"]
