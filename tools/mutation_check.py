@@ -395,8 +395,8 @@ MUTATIONS: list[Mutation] = [
              (f"{STAGE_C[0]}::test_fm_warmup_moves_each_sample_toward_psi_of_its_own_noise",),
              "L_FM compares G(eps_i) with psi(eps_j) of another sample"),
     Mutation("real_guidance_on_online_eps", "train/distill_one_step.py",
-             "eps_on = online(x_in.to(s.weight_dtype), t, encoder_hidden_states=states).sample.float()",
-             "eps_on = offline_eps(online, x_in, t, states, s.uncond, s.real_guidance)",
+             "eps_on = unet_eps(online, x_in.to(s.weight_dtype), t, states, control).float()",
+             "eps_on = offline_eps(online, x_in, t, states, s.uncond, s.real_guidance, control)",
              (f"{STAGE_C[0]}::test_real_guidance_applies_to_the_offline_eps_only",),
              "--real_guidance also applied to the online (fake) eps"),
     Mutation("cfg_direction_swapped", "train/distill_one_step.py",
@@ -435,8 +435,8 @@ MUTATIONS: list[Mutation] = [
              (f"{STAGE_C[0]}::test_each_sample_gets_the_loss_of_its_segment_from_the_right_noise",),
              "--pairs cache: score distillation sees only the N cached noises (DMD2 uses fresh noise)"),
     Mutation("online_target_x0", "train/distill_one_step.py",
-             "denoising_loss(models.online(x_t, t, encoder_hidden_states=states).sample, n)",
-             "denoising_loss(models.online(x_t, t, encoder_hidden_states=states).sample, x0)",
+             "denoising_loss(unet_eps(models.online, x_t, t, states, control), n)",
+             "denoising_loss(unet_eps(models.online, x_t, t, states, control), x0)",
              (f"{STAGE_C[0]}::test_online_update_trains_the_online_dm_alone_on_the_students_samples",),
              "the online DM's loss targets x0 instead of the noise"),
     Mutation("timesteps_outside_t_range", "train/distill_one_step.py",
@@ -647,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:40s} {m.file}: {m.why}")
         return 0
 
+    stale = [m.name for m in chosen if (ROOT / m.file).read_text().count(m.old) != 1]
+    if stale:  # say so now, not after the first N mutations' test runs
+        raise SystemExit(f"mutation text not found exactly once (update it to match the code): {', '.join(stale)}")
     rows, survived = [], []
     for m in chosen:
         with tempfile.TemporaryDirectory(prefix="sdxs-mutant-") as tmp:
