@@ -13,11 +13,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdxs.engine import BACKENDS, MAX_IMAGES
+from sdxs.engine import BACKENDS
 from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, SKETCH_MODEL
 from sdxs.validation import MAX_SEED, clean_prompt, open_image, parse_count, parse_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+# The images of one call are held in memory until written: a bound against typos (a 512 px image is
+# 0.75 MiB), not a speed limit; the forwards run in micro-batches whatever the count.
+MAX_IMAGES = 4096
 
 
 def _argument(parse):
@@ -95,7 +98,7 @@ def load_engine(args):
     from sdxs.engine import SDXSEngine
     from sdxs.webapp import load_default_or_builtin
 
-    options = dict(device=args.device, dtype=args.dtype, base=args.base, backend=args.backend)
+    options = dict(device=args.device, dtype=args.dtype, base=args.base, backend=args.backend, micro_batch=args.micro_batch)
     if args.model is not None:
         return SDXSEngine.from_pretrained(args.model, **options)
     if args.sketch:  # no built-in sketch model (yet): the released one or an error
@@ -163,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--base", default=None, help="base pipeline for a LoRA or bare ControlNet folder (default: the registry's or the adapter's own)")
     gen.add_argument("--prompt", required=True, help="text prompt (longer than 77 CLIP tokens is truncated, with a warning; empty is allowed, with a note)")
     gen.add_argument("--seed", type=_argument(parse_seed), default=0, help=f"seed of the first image, 0..{MAX_SEED}; image i uses seed+i (default 0)")
-    gen.add_argument("--n", type=_argument(lambda text: parse_count(text, "--n", MAX_IMAGES)), default=1, help=f"number of images, 1..{MAX_IMAGES}, generated in one batch (default 1)")
+    gen.add_argument("--n", type=_argument(lambda text: parse_count(text, "--n", MAX_IMAGES)), default=1, help=f"number of images, 1..{MAX_IMAGES}, generated in forwards of --micro-batch images (default 1)")
+    gen.add_argument("--micro-batch", type=_argument(lambda text: parse_count(text, "--micro-batch", MAX_IMAGES)), default=None,
+                     help="images per forward (default: 64 on a GPU, 4 on a CPU); lower it when memory runs out")
     gen.add_argument("--out", default="sdxs.png", help="output FILE.png (.jpg, .webp), or a folder for seed-S.png files; missing folders are created (default sdxs.png)")
     gen.add_argument("--sketch", default=None, metavar="FILE", help="sketch image (dark strokes on white, any size): sketch-to-image through the ControlNet")
     gen.add_argument("--control-strength", type=float, default=0.8, help="how closely to follow the sketch, 0..1 (default 0.8)")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,8 +18,12 @@ from sdxs.validation import MAX_SEED
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGES = 16
 MAX_SIDE = 2048
+# Images per forward: a call of any size runs in micro-batches of at most this many (memory stays
+# bounded). On a GPU, batching is where the throughput is (issue 16: 5x from batch 1 to 16); on a
+# CPU it gains ~5% and costs memory.
+DEFAULT_MICRO_BATCH = {"cuda": 64, "cpu": 4}
+PROMPT_CACHE_SIZE = 64  # prompt embeddings kept (LRU): the live sketch app re-sends its prompt on every stroke
 DECODER_PREFERENCE = ("tiny", "large")  # the fast decoder first: the default when a model has it
 
 
@@ -72,22 +79,84 @@ def one_step_scheduler(scheduler_config: dict):
     return scheduler
 
 
-def validate_request(prompts, num_images: int, width: int, height: int, decoder: str, decoders, size_multiple: int) -> list[str]:
+@dataclass(frozen=True)
+class OneStepUpdate:
+    """The single SDXS step as four numbers, read once from the model's scheduler.
+
+    latents = noise * noise_scale; the U-Net reads latents * input_scale at `timestep`; the clean
+    latents are latents_coef * latents + prediction_coef * prediction. The one-step update of every
+    deterministic diffusers scheduler is this linear map (one_step_update checks it), so a call needs
+    no scheduler object: no Python work per call, no shared state to race on, one region to compile."""
+
+    timestep: float
+    noise_scale: float
+    input_scale: float
+    latents_coef: float
+    prediction_coef: float
+
+    def clean_latents(self, latents: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        clean = self.latents_coef * latents.float() + self.prediction_coef * prediction.float()  # fp32, as schedulers step
+        return clean.to(prediction.dtype)
+
+
+def one_step_update(scheduler_config: dict) -> OneStepUpdate:
+    """The numbers of the scheduler's single step at t=T-1, probed on fresh schedulers; a ValueError
+    when its step is not linear in (latents, prediction), e.g. one that adds noise."""
+
+    def step(prediction: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        scheduler = one_step_scheduler(scheduler_config)  # fresh: multistep schedulers keep history
+        t = scheduler.timesteps[0]
+        scheduler.scale_model_input(latents, t)  # some schedulers insist it comes first
+        return scheduler.step(prediction, t, latents).prev_sample
+
+    scheduler = one_step_scheduler(scheduler_config)
+    t = scheduler.timesteps[0]
+    one, zero = torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+    update = OneStepUpdate(
+        timestep=float(t),
+        noise_scale=float(scheduler.init_noise_sigma),
+        input_scale=float(scheduler.scale_model_input(one, t)),
+        latents_coef=float(step(zero, one)),
+        prediction_coef=float(step(one, zero)),
+    )
+    latents, prediction = torch.randn(2, 1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    if not torch.allclose(step(prediction, latents), update.clean_latents(latents, prediction), rtol=1e-4, atol=1e-5):
+        raise ValueError(f"{type(scheduler).__name__}'s single step is not a linear update of (latents, prediction); "
+                         "SDXS needs a deterministic one-step scheduler (Euler, DDIM, DEIS, DPM-Solver, LCM).")
+    return update
+
+
+def validate_request(prompts, num_images: int, width: int, height: int, decoder: str, decoders, size_multiple: int,
+                     max_images: int | None = None) -> list[str]:
     """Check a request up front; return the prompts as a list. Raises ValueError saying what to fix.
 
-    `size_multiple`: image sides must be multiples of it (SDXSEngine.size_multiple)."""
+    `size_multiple`: image sides must be multiples of it (SDXSEngine.size_multiple); `max_images`:
+    the most images one call may ask for in total (None: no limit)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompt must be a string or a non-empty list of strings.")
-    if not isinstance(num_images, int) or not 1 <= num_images * len(prompts) <= MAX_IMAGES:
-        raise ValueError(f"Number of images must be an integer from 1 to {MAX_IMAGES} in total (prompts x images per prompt).")
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise ValueError(f"Number of images must be a whole number of at least 1; got {num_images!r}.")
+    if max_images is not None and num_images * len(prompts) > max_images:
+        raise ValueError(f"Number of images must be from 1 to {max_images} in total (prompts x images per prompt); "
+                         f"{num_images * len(prompts)} were asked for.")
     for name, side in (("width", width), ("height", height)):
         if not isinstance(side, (int, np.integer)) or side % size_multiple or not size_multiple <= side <= MAX_SIDE:
             raise ValueError(f"{name} must be a multiple of {size_multiple} between {size_multiple} and {MAX_SIDE} for this model; got {side}.")
     if decoder not in decoders:
         raise ValueError(f"Unknown decoder '{decoder}'; this model has: {', '.join(decoders)}.")
     return list(prompts)
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}.")
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Image i of a call gets seed + i, so any image can be reproduced alone."""
+    return [int(seed) + i for i in range(count)]
 
 
 def vae_scale_factor(vae_config) -> int:
@@ -156,29 +225,80 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return backend
 
 
-class _CompiledDecoder:
-    def __init__(self, vae, mode: str):
-        self.config = vae.config
-        self.decode = torch.compile(vae.decode, mode=mode)
-
-
-def compile_torch(components: Components, device: torch.device) -> Components:
-    """The GPU path: channels_last U-Net and decoders, compiled once (CUDA graphs on a GPU via
-    "reduce-overhead"). Compilation happens on the first call of each shape."""
-    import dataclasses
-
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    unet = torch.compile(components.unet.to(memory_format=torch.channels_last), mode=mode)
-    decoders = {name: _CompiledDecoder(vae.to(memory_format=torch.channels_last), mode) for name, vae in components.decoders.items()}
-    return dataclasses.replace(components, unet=unet, decoders=decoders)
-
-
 def seeded_noise(seeds: list[int], channels: int, height: int, width: int, scale_factor: int = 8) -> torch.Tensor:
     """Unit Gaussian latents (fp32, CPU) for height x width images, `scale_factor` pixels per latent,
     one generator per image: seed s gives the same image on any device and in any batch position."""
     shape = (1, channels, height // scale_factor, width // scale_factor)
     noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
     return torch.cat(noise)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, so the copy does not stall the host."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
+
+
+# --- the three stages of a one-step call, as functions of the networks ------------------------------
+
+def denoise(unet, update: OneStepUpdate, noise: torch.Tensor, text_embeddings: torch.Tensor,
+            controlnet=None, control: torch.Tensor | None = None, control_strength=0.0) -> torch.Tensor:
+    """The single step: predict at t=999 and jump straight to the clean latents.
+
+    In sketch mode the ControlNet adds its residuals (one per skip connection + one after the mid
+    block) to the U-Net, scaled by `control_strength` (a number or a 0-d tensor)."""
+    latents = noise * update.noise_scale
+    model_input = latents * update.input_scale
+    residuals = {}
+    if control is not None:
+        down, mid = controlnet(model_input, update.timestep, encoder_hidden_states=text_embeddings, controlnet_cond=control,
+                               conditioning_scale=control_strength, return_dict=False)
+        residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    prediction = unet(model_input, update.timestep, encoder_hidden_states=text_embeddings, **residuals).sample
+    return update.clean_latents(latents, prediction)
+
+
+def decode_to_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> uint8 images (N, H, W, 3) on the latents' device: the conversion runs where the
+    decoder does, so only the final pixels cross to the host."""
+    images = vae.decode(latents / vae.config.scaling_factor).sample  # in [-1, 1]
+    return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def render(unet, vae, update: OneStepUpdate, noise, text_embeddings, controlnet=None, control=None, control_strength=0.0) -> torch.Tensor:
+    """Noise + text embeddings -> uint8 pixels: the whole one-step call after the text encoder."""
+    return decode_to_pixels(vae, denoise(unet, update, noise, text_embeddings, controlnet, control, control_strength))
+
+
+def batch_bucket(n: int, micro_batch: int) -> int:
+    """The batch a compiled path runs `n` images at: the next power of two (at most `micro_batch`),
+    so that a few captured shapes serve every request size."""
+    return min(1 << (n - 1).bit_length(), micro_batch)
+
+
+class CompiledPath:
+    """The torch-compile backend: the text encoder (always batch 1, see SDXSEngine.encode_prompts)
+    and, per decoder, the whole rest of the call (U-Net [+ ControlNet] -> step -> decoder -> uint8
+    pixels) each compiled as one region, per batch bucket. On a GPU "reduce-overhead" captures each
+    shape as a CUDA graph: inputs are copied into static buffers, one replay, no host syncs but the
+    final copy of the pixels. Outputs of a CUDA graph are overwritten by its next replay, so callers
+    copy what they keep (the prompt cache clones its embeddings; pixels go to the host at once)."""
+
+    def __init__(self, components: Components, update: OneStepUpdate, device: torch.device):
+        import torch._dynamo
+
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        # One compiled function per decoder, each with a few batch buckets: more entries than
+        # dynamo's default of 8 per function, which would silently fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        unet = components.unet.to(memory_format=torch.channels_last)
+        self.text_encoder = torch.compile(components.text_encoder, mode=mode, dynamic=False)
+        self.renders = {}
+        for name, vae in components.decoders.items():
+            vae = vae.to(memory_format=torch.channels_last)
+            self.renders[name] = torch.compile(
+                functools.partial(render, unet, vae, update, controlnet=components.controlnet), mode=mode, dynamic=False)
 
 
 def _shorten(text: str, limit: int = 40, tail: bool = False) -> str:
@@ -193,14 +313,23 @@ class SDXSEngine:
     Calls never move, cast or swap shared modules, so concurrent requests are safe.
     """
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, backend: str = "torch"):
-        """`backend`: "torch"; "torch-compile" (the GPU path); "openvino" (CPU, fp32 kernels of
-        OpenVINO); "openvino-bf16" (CPU with native bf16: faster, slightly different images);
-        "auto" picks "openvino" on a CPU when it is installed, else "torch"."""
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, backend: str = "torch", *,
+                 micro_batch: int | None = None, max_images: int | None = None, prompt_cache_size: int = PROMPT_CACHE_SIZE):
+        """`backend`: "torch"; "torch-compile" (the GPU path: see CompiledPath); "openvino" (CPU, fp32
+        kernels of OpenVINO); "openvino-bf16" (CPU with native bf16: faster, slightly different
+        images); "auto" picks "openvino" on a CPU when it is installed, else "torch".
+        `micro_batch`: images per forward (default DEFAULT_MICRO_BATCH for the device); a call of
+        any size runs in chunks of it. `max_images`: the most images one call may ask for (None: no
+        limit; the apps set their own). `prompt_cache_size`: prompt embeddings kept (0: none)."""
         self.torch_components = components
         self.geometry = model_geometry(components)  # before any conversion: fail early, on the configs
         self.device = device
         self.dtype = dtype
+        self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH.get(device.type, DEFAULT_MICRO_BATCH["cpu"])
+        if not isinstance(self.micro_batch, int) or self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be a whole number of at least 1; got {micro_batch!r}.")
+        self.max_images = max_images
+        self.update = one_step_update(components.scheduler_config)  # fails at start-up, not on the first request
         self.backend = resolve_backend(backend, device, dtype)
         if backend == "auto" and self.backend == "openvino":
             from sdxs.openvino_backend import memory_shortfall
@@ -209,6 +338,7 @@ class SDXSEngine:
             if shortfall:
                 log.warning("%s Using --backend torch (slower, same images); pass --backend openvino to insist.", shortfall)
                 self.backend = "torch"
+        self.compiled = None
         if self.backend.startswith("openvino"):
             from sdxs.openvino_backend import ir_cache_dir, to_openvino
 
@@ -216,25 +346,29 @@ class SDXSEngine:
             components = to_openvino(components, precision, ir_cache_dir(components.folders, precision))
             log.info("Backend %s: each network is converted (first start) or read from the cache, then compiled, at warm-up.", self.backend)
         elif self.backend == "torch-compile":
-            components = compile_torch(components, device)
-            log.info("Backend torch-compile: each network is compiled on its first call, at warm-up.")
+            self.compiled = CompiledPath(components, self.update, device)
+            log.info("Backend torch-compile: the text encoder and the one-step call are compiled per batch size, at warm-up.")
         self.components = components
-        one_step_scheduler(components.scheduler_config)  # fail at start-up, not on the first request
         self.max_tokens = components.tokenizer.model_max_length
+        self.prompt_cache_size = prompt_cache_size
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, str | None]] = OrderedDict()
+        self._prompt_cache_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
-        cls, model: str, *, device: str | None = None, dtype: str | torch.dtype | None = None, base: str | None = None, backend: str = "auto"
+        cls, model: str, *, device: str | None = None, dtype: str | torch.dtype | None = None, base: str | None = None, backend: str = "auto",
+        **options,
     ) -> "SDXSEngine":
-        """Load a hub id or local diffusers folder (see sdxs.loading) on the chosen device/dtype/backend.
-        Refuses (sdxs.loading.UnsupportedModelError) what is not a one-step model, e.g. a multi-step teacher."""
+        """Load a hub id or local diffusers folder (see sdxs.loading) on the chosen device/dtype/backend;
+        `options` (micro_batch, max_images, prompt_cache_size) go to the constructor. Refuses
+        (sdxs.loading.UnsupportedModelError) what is not a one-step model, e.g. a multi-step teacher."""
         device, dtype = pick_device_and_dtype(device, dtype)
         start = time.perf_counter()
         log.info("Loading %s on %s (%s)...", model, device, str(dtype).removeprefix("torch."))
         components = load_components(model, device, dtype, base=base)
         log.info("Loaded %s in %.1f s: decoders %s%s.", model, time.perf_counter() - start, ", ".join(components.decoders),
                  ", sketch ControlNet" if components.controlnet is not None else "")
-        return cls(components, device, dtype, backend)
+        return cls(components, device, dtype, backend, **options)
 
     @property
     def decoders(self) -> list[str]:
@@ -267,55 +401,62 @@ class SDXSEngine:
 
     # --- stages ---------------------------------------------------------------------------------
 
+    def truncation_warning(self, prompt: str) -> str | None:
+        """What is cut from a prompt longer than the text encoder reads, or None."""
+        tokenizer = self.components.tokenizer
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+        if len(ids) <= self.max_tokens:
+            return None
+        kept = tokenizer.decode(ids[1 : self.max_tokens - 1])
+        dropped = tokenizer.decode(ids[self.max_tokens - 1 : -1])
+        return (f"Prompt longer than the text encoder's {self.max_tokens} tokens ({len(ids)} given): "
+                f"ignored the end '{_shorten(dropped)}' after '{_shorten(kept, tail=True)}'.")
+
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, str | None]:
+        """CLIP text embedding (1, tokens, width; last hidden state, as SD uses) of one prompt, and its
+        truncation warning. Always alone (batch 1): a prompt's embedding is the same in any request
+        and batch, and the compiled text encoder needs one shape. Cached (LRU) when enabled."""
+        with self._prompt_cache_lock:
+            if prompt in self._prompt_cache:
+                self._prompt_cache.move_to_end(prompt)
+                return self._prompt_cache[prompt]
+        ids = self.components.tokenizer([prompt], padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt").input_ids
+        text_encoder = self.compiled.text_encoder if self.compiled else self.components.text_encoder
+        # clone: a compiled (CUDA graph) output is overwritten by the next call
+        embedding = text_encoder(to_device(ids, self.device))[0].to(self.dtype).clone()
+        entry = (embedding, self.truncation_warning(prompt))
+        if self.prompt_cache_size > 0:
+            with self._prompt_cache_lock:
+                self._prompt_cache[prompt] = entry
+                while len(self._prompt_cache) > self.prompt_cache_size:
+                    self._prompt_cache.popitem(last=False)
+        return entry
+
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
-        """CLIP text embeddings (last hidden state, as SD uses); warns about truncated prompts."""
-        tokenizer, warnings = self.components.tokenizer, []
-        for prompt in prompts:
-            ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
-            if len(ids) > self.max_tokens:
-                kept = tokenizer.decode(ids[1 : self.max_tokens - 1])
-                dropped = tokenizer.decode(ids[self.max_tokens - 1 : -1])
-                warnings.append(
-                    f"Prompt longer than the text encoder's {self.max_tokens} tokens ({len(ids)} given): "
-                    f"ignored the end '{_shorten(dropped)}' after '{_shorten(kept, tail=True)}'."
-                )
-        ids = tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt").input_ids
-        embeddings = self.components.text_encoder(ids.to(self.device))[0]
-        return embeddings, warnings
+        """Embeddings (N, tokens, width) for a list of prompts (each distinct prompt encoded once);
+        warnings about truncated prompts."""
+        encoded = {prompt: self.encode_prompt(prompt) for prompt in dict.fromkeys(prompts)}
+        warnings = [warning for _, warning in encoded.values() if warning]
+        return torch.cat([encoded[prompt][0] for prompt in prompts]), warnings
 
     def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
         """Seeded latents for height x width images."""
         noise = seeded_noise(seeds, self.components.unet.config.in_channels, height, width, self.vae_scale_factor)
-        return noise.to(self.device, self.dtype)
+        return to_device(noise, self.device, self.dtype)
 
     def denoise(self, noise: torch.Tensor, text_embeddings: torch.Tensor, control: torch.Tensor | None = None, control_strength: float = 0.0) -> torch.Tensor:
-        """The single step: predict at t=999 and jump straight to the clean latents.
-
-        In sketch mode the ControlNet adds its 7 residuals (6 skip connections + 1 added after the
-        missing mid block) to the U-Net, scaled by `control_strength`."""
-        scheduler = one_step_scheduler(self.components.scheduler_config)
-        t = scheduler.timesteps[0]
-        latents = noise * scheduler.init_noise_sigma
-        model_input = scheduler.scale_model_input(latents, t)
-        residuals = {}
-        if control is not None:
-            down, mid = self.components.controlnet(
-                model_input, t, encoder_hidden_states=text_embeddings, controlnet_cond=control,
-                conditioning_scale=control_strength, return_dict=False,
-            )
-            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-        prediction = self.components.unet(model_input, t, encoder_hidden_states=text_embeddings, **residuals).sample
-        return scheduler.step(prediction, t, latents).prev_sample
+        """The single step on this engine's networks (see sdxs.engine.denoise)."""
+        return denoise(self.components.unet, self.update, noise, text_embeddings, self.components.controlnet, control, control_strength)
 
     def decode(self, latents: torch.Tensor, decoder: str) -> list[Image.Image]:
-        vae = self.components.decoders[decoder]
+        return [Image.fromarray(a) for a in self._decode_to_pixels(latents, decoder).cpu().numpy()]
+
+    def _decode_to_pixels(self, latents: torch.Tensor, decoder: str) -> torch.Tensor:
         if self.backend == "torch" and self.device.type == "cpu":
             # NHWC latents make oneDNN run the decoder's convolutions in channels_last: the tiny
             # decoder 1.3x faster on a CPU, same values to float rounding (docs/benchmarks.md).
             latents = latents.to(memory_format=torch.channels_last)
-        images = vae.decode(latents / vae.config.scaling_factor).sample  # in [-1, 1]
-        array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]
+        return decode_to_pixels(self.components.decoders[decoder], latents)
 
     # --- public calls ---------------------------------------------------------------------------
 
@@ -332,7 +473,7 @@ class SDXSEngine:
         num_inference_steps: int = 1,
         guidance_scale: float = 0.0,
     ) -> Generation:
-        """Generate `num_images` images per prompt in one batched forward.
+        """Generate `num_images` images per prompt, in forwards of up to `micro_batch` images.
 
         Image i of a call gets seed `seed + i`, so any image can be reproduced alone. `decoder`
         defaults to `default_decoder`, `width` and `height` to `native_size`.
@@ -341,8 +482,10 @@ class SDXSEngine:
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         check_one_step_settings(num_inference_steps, guidance_scale)
-        prompts = validate_request(prompt, num_images, width, height, decoder, self.decoders, self.size_multiple)
-        return self._generate(prompts, seed, num_images, decoder, width, height)
+        prompts = validate_request(prompt, num_images, width, height, decoder, self.decoders, self.size_multiple, self.max_images)
+        check_seed(seed)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        return self._generate(prompts, image_seeds(seed, len(prompts)), decoder, width, height)
 
     @torch.inference_mode()
     def sketch_to_image(
@@ -363,6 +506,17 @@ class SDXSEngine:
         `control_strength` (controlnet_conditioning_scale) in [0, 1]: 0 ignores the sketch.
         Images come at `native_size`; the ControlNet sees the sketch at its own scale per latent.
         """
+        prompts, control, control_image = self.prepare_sketch_request(sketch, prompt, num_images, control_strength, decoder,
+                                                                      num_inference_steps, guidance_scale)
+        check_seed(seed)
+        decoder = self.default_decoder if decoder is None else decoder
+        result = self._generate(prompts, image_seeds(seed, len(prompts)), decoder, self.native_size, self.native_size, control, float(control_strength))
+        result.sketch = control_image
+        return result
+
+    def prepare_sketch_request(self, sketch, prompt, num_images, control_strength, decoder, num_inference_steps, guidance_scale):
+        """A sketch request checked: (one prompt per image, the control tensor (1, 3, H, W) on the
+        device, the control image as the ControlNet sees it); a ValueError that says what to fix."""
         from sdxs.sketch import prepare_sketch, sketch_to_tensor
 
         if self.components.controlnet is None:
@@ -371,40 +525,64 @@ class SDXSEngine:
                 "IDKiro/sdxs-512-dreamshaper-sketch (or a folder with a controlnet/ subfolder)."
             )
         check_one_step_settings(num_inference_steps, guidance_scale)
-        if not isinstance(control_strength, (int, float)) or not 0 <= control_strength <= 1:
+        if isinstance(control_strength, bool) or not isinstance(control_strength, (int, float)) or not 0 <= control_strength <= 1:
             raise ValueError(f"control_strength must be between 0 and 1; got {control_strength!r}.")
         decoder, size = self.default_decoder if decoder is None else decoder, self.native_size
-        prompts = validate_request(prompt, num_images, size, size, decoder, self.decoders, self.size_multiple)
+        prompts = validate_request(prompt, num_images, size, size, decoder, self.decoders, self.size_multiple, self.max_images)
         control_image = prepare_sketch(sketch, size // self.vae_scale_factor * self.geometry.control_scale_factor)
         if control_image is None:
             raise ValueError("The sketch is empty: draw some dark strokes (or upload a line drawing) first.")
-        control = sketch_to_tensor(control_image).to(self.device, self.dtype)
-        result = self._generate(prompts, seed, num_images, decoder, size, size, control, float(control_strength))
-        result.sketch = control_image
-        return result
+        control = to_device(sketch_to_tensor(control_image), self.device, self.dtype)
+        return [p for p in prompts for _ in range(num_images)], control, control_image
 
-    def _generate(self, prompts, seed, num_images, decoder, width, height, control=None, control_strength=0.0) -> Generation:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}; got {seed!r}.")
-        prompts = [p for p in prompts for _ in range(num_images)]
-        seeds = [int(seed) + i for i in range(len(prompts))]
-        if control is not None:
-            control = control.expand(len(prompts), -1, -1, -1)
-
-        timings, start = {}, time.perf_counter()
-        embeddings, warnings = self.encode_prompts(prompts)
-        timings["text_encoder"] = self._lap(start)
-        latents = self.denoise(self.initial_noise(seeds, height, width), embeddings, control, control_strength)
-        timings["unet"] = self._lap(start, timings)
-        images = self.decode(latents, decoder)
-        timings["decoder"] = self._lap(start, timings)
+    def _generate(self, prompts: list[str], seeds: list[int], decoder: str, width: int, height: int,
+                  control: torch.Tensor | None = None, control_strength=0.0) -> Generation:
+        """Image i from prompts[i] and seeds[i], in micro-batches; the requests are already checked.
+        `control`: one control image for all (1, 3, H, W) or one per image (N, 3, H, W) (sdxs.batching)."""
+        start = time.perf_counter()
+        embeddings, _ = self.encode_prompts(prompts)
+        timings = {} if self.compiled else {"text_encoder": self._lap(start), "unet": 0.0, "decoder": 0.0}
+        images = []
+        for first in range(0, len(prompts), self.micro_batch):
+            chunk = slice(first, first + self.micro_batch)
+            noise = self.initial_noise(seeds[chunk], height, width)
+            per_image = lambda x: x[chunk] if torch.is_tensor(x) and x.shape[0] > 1 else x  # noqa: E731
+            pixels = self._render_chunk(noise, embeddings[chunk], decoder, per_image(control), control_strength, timings)
+            images += [Image.fromarray(a) for a in pixels.cpu().numpy()]  # the one host sync of a chunk
         timings["total"] = time.perf_counter() - start
-        if (width, height) != (self.native_size, self.native_size):
-            warnings.append(f"This model is trained at {self.native_size}x{self.native_size}; {width}x{height} may look worse.")
-        warnings = list(dict.fromkeys(warnings))
+        warnings = self.request_warnings(prompts, width, height)
         for w in warnings:
             log.warning(w)
-        return Generation(images, seeds, prompts, warnings, timings)
+        return Generation(images, list(seeds), list(prompts), warnings, timings)
+
+    def request_warnings(self, prompts: list[str], width: int, height: int) -> list[str]:
+        """What a person should know about a request: truncated prompts, a size the model was not trained at."""
+        warnings = [warning for warning in (self.encode_prompt(p)[1] for p in dict.fromkeys(prompts)) if warning]
+        if (width, height) != (self.native_size, self.native_size):
+            warnings.append(f"This model is trained at {self.native_size}x{self.native_size}; {width}x{height} may look worse.")
+        return warnings
+
+    def _render_chunk(self, noise, embeddings, decoder, control, control_strength, timings) -> torch.Tensor:
+        """uint8 pixels of one micro-batch. Eager backends run stage by stage and add each stage's
+        time to `timings` (a sync per stage on a GPU); the compiled path runs its one region at the
+        chunk's batch bucket (rows repeated to fill it, then dropped) and takes no stage times."""
+        n = noise.shape[0]
+        if control is not None:
+            control = control.expand(n, -1, -1, -1)
+        if self.compiled:
+            bucket = batch_bucket(n, self.micro_batch)
+            pad = lambda x: x if x is None or bucket == n else torch.cat([x, x[-1:].expand(bucket - n, *x.shape[1:])])  # noqa: E731
+            strength = None
+            if control is not None:  # a tensor, so that each strength does not compile a graph of its own
+                strength = to_device(torch.tensor(float(control_strength)), self.device, self.dtype)
+            return self.compiled.renders[decoder](pad(noise), pad(embeddings), control=pad(control), control_strength=strength)[:n]
+        start = time.perf_counter()
+        latents = self.denoise(noise, embeddings, control, control_strength)
+        timings["unet"] += self._lap(start)
+        start = time.perf_counter()
+        pixels = self._decode_to_pixels(latents, decoder)
+        timings["decoder"] += self._lap(start)
+        return pixels
 
     def with_lora(self, adapter: str) -> "SDXSEngine":
         """A variant of this engine with a PEFT LoRA (e.g. the anime style) merged into a copy of
@@ -418,33 +596,38 @@ class SDXSEngine:
         unet = merge_lora(copy.deepcopy(self.torch_components.unet), adapter_dir)
         folders = (*self.torch_components.folders, str(adapter_dir)) if self.torch_components.folders else ()
         variant = dataclasses.replace(self.torch_components, unet=unet, source=str(adapter), folders=folders)
-        engine = SDXSEngine(variant, self.device, self.dtype, self.backend)
+        engine = SDXSEngine(variant, self.device, self.dtype, self.backend, micro_batch=self.micro_batch, max_images=self.max_images,
+                            prompt_cache_size=self.prompt_cache_size)
         if self.backend.startswith("openvino"):  # share the converted networks that did not change
             engine.components = dataclasses.replace(self.components, unet=engine.components.unet, source=str(adapter))
         return engine
 
-    def warm_up(self) -> float:
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Throw-away calls at the native size, through every decoder and (with a ControlNet) the
         sketch mode, so that converting/compiling (OpenVINO, torch.compile) happens at start-up and
-        not on a visitor's first request. Returns seconds."""
+        not on a visitor's first request. `batch_sizes`: the batches to prepare (the compiled path
+        captures each batch bucket once). Returns seconds."""
         start = time.perf_counter()
         size = self.native_size
         modes = f"decoders {', '.join(self.decoders)} at {size}x{size}" + (", sketch mode" if self.components.controlnet is not None else "")
-        log.info("Warming up (%s backend; %s)...", self.backend, modes)
-        with torch.inference_mode():
-            embeddings, _ = self.encode_prompts(["warm-up"])
-            latents = self.denoise(self.initial_noise([0], size, size), embeddings)
+        log.info("Warming up (%s backend; %s; batch %s)...", self.backend, modes, ", ".join(map(str, batch_sizes)))
+        for batch in batch_sizes:
             for decoder in self.decoders:
-                self.decode(latents, decoder)
-        if self.components.controlnet is not None:
-            sketch = Image.new("L", (64, 64), 255)
-            ImageDraw.Draw(sketch).line([(8, 8), (56, 56)], fill=0, width=3)
-            self.sketch_to_image(sketch, "warm-up", seed=0)
+                self.text_to_image("warm-up", seed=0, num_images=batch, decoder=decoder)
+            if self.components.controlnet is not None:
+                sketch = Image.new("L", (64, 64), 255)
+                ImageDraw.Draw(sketch).line([(8, 8), (56, 56)], fill=0, width=3)
+                self.sketch_to_image(sketch, "warm-up", seed=0, num_images=batch)
+        self.clear_prompt_cache()
         seconds = time.perf_counter() - start
         log.info("Warm-up done in %.1f s.", seconds)
         return seconds
 
-    def _lap(self, start: float, done: dict | None = None) -> float:
+    def clear_prompt_cache(self) -> None:
+        with self._prompt_cache_lock:
+            self._prompt_cache.clear()
+
+    def _lap(self, start: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start - sum((done or {}).values())
+        return time.perf_counter() - start

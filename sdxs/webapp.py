@@ -19,7 +19,8 @@ from sdxs.validation import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
 
 log = logging.getLogger(__name__)
 MALLOC_ARENAS = 2
-TEMP_FILE_MAX_AGE_S = 3600  # Gradio deletes its temporary files older than this, checking as often
+TEMP_FILE_MAX_AGE_S = 3600
+STAGE_LABELS = {"text_encoder": "text encoder", "unet": "U-Net", "decoder": "decoder"}  # Gradio deletes its temporary files older than this, checking as often
 # Libraries whose own warnings (deprecations, tracing notes) are not a user's business; ours stay.
 NOISY_LIBRARIES = r"(torch|transformers|diffusers|huggingface_hub|accelerate|peft|openvino|nncf|gradio|gradio_client|PIL)(\.|$)"
 
@@ -31,6 +32,40 @@ except ImportError:  # pragma: no cover - depends on the environment
 
     def gpu(fn):
         return fn
+
+
+# Requests served at once on a GPU: their forwards are gathered into shared batches (sdxs.batching).
+GPU_CONCURRENCY = 16
+
+
+def on_zero_gpu() -> bool:
+    """A ZeroGPU Space (the spaces package's own test): each call gets a GPU of its own for a while."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
+def batches_requests(engine: SDXSEngine) -> bool:
+    """Whether an app gathers concurrent visitors' requests into shared forwards: on a GPU, where a
+    batch of 16 gives ~5x the images/s of 16 single calls; not on a CPU (~5% gain, more memory) nor
+    on ZeroGPU (each request holds its own GPU slot)."""
+    return engine.device.type == "cuda" and not on_zero_gpu()
+
+
+def request_runner(engine: SDXSEngine, batch_requests: bool | None = None):
+    """What an app's handler calls text_to_image / sketch_to_image on: a RequestBatcher over the
+    engine when requests are batched (`batch_requests`, default batches_requests(engine)), else the
+    engine itself."""
+    if batches_requests(engine) if batch_requests is None else batch_requests:
+        from sdxs.batching import RequestBatcher
+
+        return RequestBatcher(engine)
+    return engine
+
+
+def concurrency_limit(runner) -> int:
+    """Requests an event serves at once: many when a RequestBatcher gathers them, else one."""
+    from sdxs.batching import RequestBatcher
+
+    return GPU_CONCURRENCY if isinstance(runner, RequestBatcher) else 1
 
 
 def add_common_flags(parser: argparse.ArgumentParser, default_model: str, *, builtin_fallback: bool = False) -> argparse.ArgumentParser:
@@ -228,10 +263,11 @@ def status_line(result: Generation, engine: SDXSEngine, seed: int, notes: list[s
     a template expanded it, then the notes (what was changed in the request, engine warnings), one
     per line: the API's callers read them here too."""
     t = result.timings
+    # The compiled path times only the whole call: stage times would need a device sync per stage.
+    stages = ", ".join(f"{label} {t[key] * 1000:.0f} ms" for key, label in STAGE_LABELS.items() if key in t)
     line = (
         f"{len(result.images)} image(s) in **{t['total'] * 1000:.0f} ms** "
-        f"(text encoder {t['text_encoder'] * 1000:.0f} ms, U-Net {t['unet'] * 1000:.0f} ms, "
-        f"decoder {t['decoder'] * 1000:.0f} ms) · seed {seed} · {display_name(engine)} on {engine.device.type}"
+        f"({stages or 'one compiled call'}) · seed {seed} · {display_name(engine)} on {engine.device.type}"
     )
     shown = (expanded_prompt or "").replace("`", "'")  # a code span: the prompt as typed, no markdown
     expanded = [f"Prompt as the model read it: `{shown}`"] if expanded_prompt else []

@@ -76,8 +76,9 @@ def generate_args(model, *extra):
         ("--seed", "-1", "got -1"),
         ("--seed", "1.5", "got '1.5'"),
         ("--seed", "abc", "got 'abc'"),
-        ("--n", "0", "--n must be a whole number from 1 to 16; got 0"),
-        ("--n", "1000", "got 1000"),
+        ("--n", "0", "--n must be a whole number from 1 to 4096; got 0"),
+        ("--micro-batch", "0", "--micro-batch must be a whole number from 1 to 4096; got 0"),
+        ("--n", "5000", "got 5000"),
         ("--n", "2.5", "got '2.5'"),
     ],
 )
@@ -198,3 +199,16 @@ def test_bad_sizes_and_decoders_are_error_lines(tiny_model_dir, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(generate_args(large_only, "--width", "5.5"))
     assert "invalid int value: '5.5'" in capsys.readouterr().err
+
+
+def test_many_images_run_in_micro_batches_of_the_flag(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--n is not capped at the UI's limit; --micro-batch reaches the engine: 5 images in forwards of 2."""
+    from diffusers import UNet2DConditionModel
+
+    forwards = []
+    original = UNet2DConditionModel.forward
+    monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, sample, *a, **k: forwards.append(sample.shape[0]) or original(self, sample, *a, **k))
+    code = main(["generate", "--model", str(tiny_model_dir), "--prompt", "cat", "--n", "5", "--micro-batch", "2", "--width", "64",
+                 "--height", "64", "--backend", "torch", "--out", str(tmp_path / "many")])
+    assert code == 0 and forwards == [2, 2, 1]
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [f"seed-{s}.png" for s in range(5)]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdxs.engine import MAX_IMAGES
+from sdxs.engine import SDXSEngine, one_step_update
 
 
 def pixels(image):
@@ -84,7 +84,8 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_engine):
         (dict(width=0), "multiple of 32"),
         (dict(decoder="medium"), "Unknown decoder"),
         (dict(num_images=0), "Number of images"),
-        (dict(num_images=MAX_IMAGES + 1), "Number of images"),
+        (dict(num_images=-2), "Number of images"),
+        (dict(num_images=2.0), "Number of images"),
         (dict(seed=-1), "seed"),
         (dict(seed=2**64), "seed must be a whole number from 0 to 4294967295"),  # was an overflow deep in torch
         (dict(seed=2**32), "seed must be a whole number"),
@@ -115,8 +116,102 @@ def test_torch_compile_backend_matches_eager(tiny_model_dir, tiny_engine):
     """The GPU path's backend (channels_last + torch.compile; CUDA graphs on a GPU), run on the CPU."""
     from sdxs import SDXSEngine
 
-    engine = SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="torch-compile")
+    engine = SDXSEngine.from_pretrained(str(tiny_model_dir), device="cpu", backend="torch-compile", micro_batch=4)
     for decoder in ("tiny", "large"):
         got = np.asarray(engine.text_to_image("a red circle", seed=3, decoder=decoder).images[0]).astype(int)
         want = np.asarray(tiny_engine.text_to_image("a red circle", seed=3, decoder=decoder).images[0]).astype(int)
         assert np.abs(got - want).max() <= 1
+    # 3 images run at the batch bucket 4 (the last row repeated, then dropped); two prompts, two seeds each
+    got = engine.text_to_image(["a red circle", "a blue square"], seed=5, num_images=2, width=128, height=128)
+    want = tiny_engine.text_to_image(["a red circle", "a blue square"], seed=5, num_images=2, width=128, height=128)
+    assert got.seeds == want.seeds == [5, 6, 7, 8] and "unet" not in got.timings and got.timings["total"] > 0
+    for a, b in zip(got.images, want.images):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    got3 = engine.text_to_image("a blue square", seed=7, num_images=3, width=128, height=128).images
+    assert np.abs(pixels(got3[1]) - pixels(want.images[3])).max() <= 1
+
+
+def test_compiled_path_batch_buckets():
+    from sdxs.engine import batch_bucket
+
+    assert [batch_bucket(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+    assert batch_bucket(5, 6) == 6
+
+
+@pytest.mark.parametrize("scheduler, extra", [
+    ("EulerDiscreteScheduler", {}), ("DEISMultistepScheduler", {}), ("DDIMScheduler", {}), ("LCMScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_type": "midpoint"}),
+])
+def test_one_step_update_is_the_schedulers_step(tiny_model_dir, scheduler, extra):
+    """The four numbers stand for the scheduler's own step at t=999, whatever the scheduler."""
+    import json
+
+    from sdxs.engine import one_step_scheduler
+
+    config = dict(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text()), _class_name=scheduler, **extra)
+    update = one_step_update(config)
+    noise, prediction = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    reference = one_step_scheduler(config)
+    t = reference.timesteps[0]
+    latents = noise * reference.init_noise_sigma
+    model_input = reference.scale_model_input(latents, t)
+    want = reference.step(prediction, t, latents).prev_sample
+    assert update.timestep == 999
+    assert torch.allclose(noise * update.noise_scale * update.input_scale, model_input, atol=1e-6)
+    assert torch.allclose(update.clean_latents(noise * update.noise_scale, prediction), want, atol=1e-5)
+
+
+def test_a_scheduler_whose_step_is_not_linear_is_refused(tiny_model_dir):
+    import json
+
+    config = dict(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text()),
+                  _class_name="DDIMScheduler", thresholding=True, sample_max_value=0.5)  # clips x0 by a quantile
+    with pytest.raises(ValueError, match="not a linear update"):
+        one_step_update(config)
+
+
+def test_any_number_of_images_runs_in_micro_batches(tiny_engine, tiny_model_dir):
+    """No cap by default: 7 images in forwards of 3, each the image of its seed as a single call makes it."""
+    engine = SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch", micro_batch=3)
+    forwards = []
+    hook = engine.components.unet.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape[0]))
+    try:
+        result = engine.text_to_image("a cat", seed=10, num_images=7, width=64, height=64)
+    finally:
+        hook.remove()
+    assert forwards == [3, 3, 1] and result.seeds == list(range(10, 17)) and len(result.images) == 7
+    for i in (0, 4, 6):
+        alone = tiny_engine.text_to_image("a cat", seed=10 + i, width=64, height=64).images[0]
+        assert np.abs(pixels(result.images[i]) - pixels(alone)).max() <= 2
+    assert set(result.timings) == {"text_encoder", "unet", "decoder", "total"}
+
+
+def test_image_cap_is_a_parameter(tiny_engine):
+    capped = SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch", max_images=2)
+    with pytest.raises(ValueError, match="from 1 to 2 in total"):
+        capped.text_to_image(["a", "b"], num_images=2)
+    assert len(capped.text_to_image(["a", "b"], num_images=1, width=64, height=64).images) == 2
+    with pytest.raises(ValueError, match="micro_batch"):
+        SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch", micro_batch=-1)
+
+
+def test_prompt_cache_encodes_each_prompt_once_and_gives_the_same_image(tiny_engine):
+    engine = SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch", prompt_cache_size=2)
+    encoded = []
+    hook = engine.components.text_encoder.register_forward_hook(lambda module, args, output: encoded.append(args[0].shape[0]))
+    try:
+        first = engine.text_to_image("a cat", seed=4, width=64, height=64).images[0]
+        again = engine.text_to_image("a cat", seed=4, width=64, height=64).images[0]  # cache hit
+        assert encoded == [1]
+        engine.text_to_image(["a dog", "a cow", "a dog"], width=64, height=64)  # each new prompt once, alone
+        assert encoded == [1, 1, 1]
+        engine.text_to_image("a cat", seed=4, width=64, height=64)  # evicted (2 kept): encoded again
+        assert encoded == [1, 1, 1, 1]
+    finally:
+        hook.remove()
+    assert np.array_equal(pixels(first), pixels(again))
+    fresh = SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch", prompt_cache_size=0)
+    assert np.array_equal(pixels(fresh.text_to_image("a cat", seed=4, width=64, height=64).images[0]), pixels(first))
+    # the long-prompt warning comes with a cached embedding too
+    for _ in range(2):
+        assert sum("77 tokens" in w for w in engine.text_to_image("word " * 80, width=64, height=64).warnings) == 1
