@@ -17,8 +17,8 @@ import gradio as gr
 from sdxs import DEFAULT_MODEL, MODELS, ModelNotFoundError, SDXSEngine
 from sdxs.registry import ANIME_LORA, builtin_model
 from sdxs.validation import MAX_SEED, clean_prompt, parse_count, parse_seed, random_seed
-from sdxs.webapp import (add_common_flags, configure_console, display_name, errors_as_messages, fallback_notice, gpu, is_fallback,
-                         launch, limit_malloc_arenas, load_engine_or_exit, prompt_for, status_line)
+from sdxs.webapp import (add_common_flags, concurrency_limit, configure_console, display_name, errors_as_messages, fallback_notice, gpu,
+                         is_fallback, launch, limit_malloc_arenas, load_engine_or_exit, prompt_for, request_runner, status_line)
 
 
 MAX_IMAGES = 4
@@ -49,18 +49,21 @@ def as_choices(engines: dict[str, SDXSEngine] | SDXSEngine) -> dict[str, SDXSEng
     return {display_name(engines): engines} if isinstance(engines, SDXSEngine) else engines
 
 
-def make_generate(engines: dict[str, SDXSEngine] | SDXSEngine):
+def make_generate(engines: dict[str, SDXSEngine] | SDXSEngine, runners: dict | None = None):
     """The event handler: UI values in, (images, seed used, status line) out.
 
     `engines` maps a model label to an engine (or is one engine); style variants share every
     module but the U-Net, and each was built once at start-up, so no request mutates anything.
+    `runners`: what each label's requests run on (sdxs.webapp.request_runner: a RequestBatcher on a
+    GPU, which gathers concurrent requests into shared forwards); default: the engines.
     The values arrive as sent (the event runs with preprocess=False): every one is checked here,
     and any bad one becomes a gr.Error that says what to change; the server keeps serving."""
     engines = as_choices(engines)
+    runners = runners or engines
 
     @gpu
     def run(style: str, prompt: str, seed: int, num_images: int, decoder: str):
-        return engines[style].text_to_image(prompt, seed=seed, num_images=num_images, decoder=decoder)  # at the native size
+        return runners[style].text_to_image(prompt, seed=seed, num_images=num_images, decoder=decoder)  # at the native size
 
     def generate(prompt, seed, randomize_seed, num_images, decoder, style=None):
         style = style if isinstance(style, str) and style in engines else next(iter(engines))  # a label, never a path
@@ -78,14 +81,17 @@ def make_generate(engines: dict[str, SDXSEngine] | SDXSEngine):
         # made; gallery_css enlarges them on the page without blur).
         return result.images, seed, status_line(result, engines[style], seed, notes, expanded_prompt=expanded)
 
+    generate.runners = runners  # what serves the requests, for tests and the benchmark
     return generate
 
 
-def build_demo(engines: dict[str, SDXSEngine] | SDXSEngine, notice: str | None = None) -> gr.Blocks:
+def build_demo(engines: dict[str, SDXSEngine] | SDXSEngine, notice: str | None = None, batch_requests: bool | None = None) -> gr.Blocks:
     """The page; `notice` (markdown), when given, is shown at the top (e.g. the built-in model's
-    fallback notice)."""
+    fallback notice). `batch_requests`: serve concurrent requests in shared forwards (default: on a
+    GPU, see sdxs.webapp.batches_requests), else one at a time."""
     engines = as_choices(engines)
-    generate = make_generate(engines)
+    runners = {style: request_runner(engine, batch_requests) for style, engine in engines.items()}
+    generate = make_generate(engines, runners)
     first = next(iter(engines.values()))
     builtin = builtin_model(first.name)
     with gr.Blocks(title="SDXS one-step text-to-image") as demo:
@@ -127,7 +133,7 @@ def build_demo(engines: dict[str, SDXSEngine] | SDXSEngine, notice: str | None =
             inputs=[prompt, seed, randomize_seed, num_images, decoder, style],
             outputs=[gallery, seed, status],
             api_name="generate",
-            concurrency_limit=1,
+            concurrency_limit=concurrency_limit(next(iter(runners.values()))),
             preprocess=False,  # raw values to `generate`, which checks them (sdxs.validation) with its own messages
         )
     return demo

@@ -20,8 +20,8 @@ from sdxs.registry import SKETCH_MODEL, builtin_model, get_spec
 from sdxs.sketch import blank_sketch, prepare_sketch_with_notes
 from sdxs.styles import DEFAULT_STYLE, STYLES, apply_style
 from sdxs.validation import EMPTY_PROMPT_NOTE, MAX_SEED, clean_text, open_image, parse_seed, parse_strength, random_seed
-from sdxs.webapp import (add_common_flags, configure_console, display_name, errors_as_messages, fallback_notice, gpu, is_fallback,
-                         launch, limit_malloc_arenas, load_engine_or_exit, prompt_for, sketch_size, status_line)
+from sdxs.webapp import (add_common_flags, concurrency_limit, configure_console, display_name, errors_as_messages, fallback_notice, gpu,
+                         is_fallback, launch, limit_malloc_arenas, load_engine_or_exit, prompt_for, request_runner, sketch_size, status_line)
 
 EMPTY_MESSAGE = "Draw on the canvas (or upload a line drawing) to start: the image follows every stroke."
 DEFAULT_PROMPT = "a cute cat"  # the built-in model's default is its first example ("grinning face")
@@ -62,15 +62,17 @@ def canvas_reader(canvas: gr.ImageEditor | None):
     return read
 
 
-def make_generate(engine: SDXSEngine, canvas_component: gr.ImageEditor | None = None):
+def make_generate(engine: SDXSEngine, canvas_component: gr.ImageEditor | None = None, runner=None):
     """The event handler: canvas and settings in, (image, sketch as seen, status) out.
     An empty canvas gives a white image and a hint, never an error; any bad value a gr.Error
-    that says what to change, and the server keeps serving."""
+    that says what to change, and the server keeps serving. `runner`: what requests run on (a
+    RequestBatcher on a GPU, see sdxs.webapp.request_runner); default: the engine."""
     read_canvas = canvas_reader(canvas_component)
+    runner = runner or engine
 
     @gpu
     def run(sketch, prompt: str, seed: int, control_strength: float):
-        return engine.sketch_to_image(sketch, prompt, seed=seed, control_strength=control_strength)  # the default decoder
+        return runner.sketch_to_image(sketch, prompt, seed=seed, control_strength=control_strength)  # the default decoder
 
     def generate(canvas, prompt, template, control_strength, seed):
         try:
@@ -98,6 +100,8 @@ def make_generate(engine: SDXSEngine, canvas_component: gr.ImageEditor | None = 
         expanded = model_prompt if model_prompt != prompt else None
         return result.images[0], result.sketch, status_line(result, engine, seed, notes, expanded_prompt=expanded)
 
+    generate.runner = runner  # what serves the requests, for tests
+
     return generate
 
 
@@ -107,11 +111,13 @@ def default_strength(engine: SDXSEngine) -> float:
     return 1.0 if builtin_model(engine.name) else 0.8
 
 
-def build_demo(engine: SDXSEngine, notice: str | None = None) -> gr.Blocks:
+def build_demo(engine: SDXSEngine, notice: str | None = None, batch_requests: bool | None = None) -> gr.Blocks:
     """The page; `notice` (markdown), when given, is shown at the top (the built-in model's fallback
     notice). The built-in model gets its own default prompt and no style templates: it reads short
-    prompts through its caption form (prompt_for), which a style would turn into nonsense."""
+    prompts through its caption form (prompt_for), which a style would turn into nonsense.
+    `batch_requests`: serve visitors at once in shared forwards (default: on a GPU), else one at a time."""
     builtin = builtin_model(engine.name)
+    runner = request_runner(engine, batch_requests)
     with gr.Blocks(title="SDXS sketch-to-image") as demo:
         gr.Markdown(
             f"# SDXS sketch-to-image, live\nModel: **{display_name(engine)}** on {engine.device.type}. "
@@ -158,11 +164,12 @@ def build_demo(engine: SDXSEngine, notice: str | None = None) -> gr.Blocks:
         inputs = [canvas, prompt, template, strength, seed]
         outputs = [output, seen, status]
         # Only the latest state matters: while one image is being made, further strokes collapse
-        # into one pending update (trigger_mode="always_last"), and one runs at a time (one
-        # concurrency group for every trigger). Raw values go to `generate`, which checks them.
+        # into one pending update (trigger_mode="always_last"). One concurrency group for every
+        # trigger: one request at a time, or on a GPU many, batched. Raw values go to `generate`,
+        # which checks them.
         live = dict(
-            fn=make_generate(engine, canvas), inputs=inputs, outputs=outputs, preprocess=False,
-            trigger_mode="always_last", concurrency_limit=1, concurrency_id="sketch",
+            fn=make_generate(engine, canvas, runner), inputs=inputs, outputs=outputs, preprocess=False,
+            trigger_mode="always_last", concurrency_limit=concurrency_limit(runner), concurrency_id="sketch",
         )
         # `input` fires on every stroke, erase, undo and upload (`change` skips the first stroke).
         triggers = [canvas.input, canvas.upload, canvas.clear, prompt.submit, template.submit, strength.release, seed.submit]

@@ -203,3 +203,47 @@ def test_malloc_arenas_are_capped_unless_the_environment_says(monkeypatch):
     assert limit_malloc_arenas() is True  # glibc on Linux: mallopt(M_ARENA_MAX, 2) accepted
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert limit_malloc_arenas() is False  # the person's own setting wins
+
+
+def _generate_event(demo):
+    return next(fn for fn in demo.fns.values() if getattr(fn, "api_name", None) == "generate")
+
+
+def test_one_request_at_a_time_on_a_cpu(tiny_engine):
+    event = _generate_event(app.build_demo(tiny_engine))
+    assert event.concurrency_limit == 1 and tiny_engine.device.type == "cpu"
+
+
+def test_batched_serving_gives_each_visitor_the_images_they_would_get_alone(tiny_engine):
+    """What a GPU Space runs (forced on here): the page's own event serves visitors at once, their
+    requests share forwards, and each answer equals the one served alone."""
+    import threading
+
+    import numpy as np
+
+    from sdxs.webapp import GPU_CONCURRENCY
+
+    engine = app.SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch")
+    event = _generate_event(app.build_demo(engine, batch_requests=True))
+    assert event.concurrency_limit == GPU_CONCURRENCY
+    runner = next(iter(event.fn.runners.values()))
+    runner.window_s = 1.0  # all three arrive inside one gathering window
+    requests = [("a cat", 5, 2), ("a dog", 9, 1), ("a red circle", 11, 1)]
+    answers, start = [None] * 3, threading.Barrier(3)
+
+    def visit(i, prompt, seed, n):
+        start.wait()
+        answers[i] = event.fn(prompt, seed, False, n, "tiny", None)
+
+    threads = [threading.Thread(target=visit, args=(i, *r)) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert runner.forwards == 1
+    alone = app.make_generate(tiny_engine)
+    for (prompt, seed, n), (images, used_seed, status) in zip(requests, answers):
+        solo_images, _, _ = alone(prompt, seed, False, n, "tiny")
+        assert used_seed == seed and len(images) == n and f"{n} image(s)" in status
+        for a, b in zip(images, solo_images):
+            assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1

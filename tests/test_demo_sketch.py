@@ -324,3 +324,38 @@ def test_app_text_to_image_is_unchanged_by_the_built_in_controlnet(builtin_dirs,
     monkeypatch.setitem(BUILTIN, BUILTIN_MODEL, replace(MINI, folder=builtin_dirs["sketch"]))
     assert app.main(["--model", "mini", "--backend", "torch", "--port", "7994"]) == 0  # app.py serves it as before
     assert "image-rendering: pixelated" in launched["css"]
+
+
+def test_batched_serving_of_strokes_gives_each_visitor_their_own_image(tiny_engine):
+    """On a GPU (forced here) every trigger's event serves visitors at once through one batcher:
+    two visitors' strokes share a forward, and each image is the one that visitor gets alone."""
+    import threading
+
+    from sdxs.webapp import GPU_CONCURRENCY
+
+    engine = SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch")
+    runs = [fn for fn in demo_sketch.build_demo(engine, batch_requests=True).fns.values() if fn.name == "generate"]
+    assert all(fn.concurrency_limit == GPU_CONCURRENCY and fn.concurrency_id == "sketch" for fn in runs)
+    assert len({id(fn.fn.runner) for fn in runs}) == 1  # one batcher behind every trigger
+    runner = runs[0].fn.runner
+    runner.window_s = 1.0
+    line = canvas_value(draw=False)
+    ImageDraw.Draw(line["layers"][0]).line([(60, 60), (450, 450)], fill=(0, 0, 0, 255), width=10)
+    line["composite"] = Image.alpha_composite(line["background"], line["layers"][0])
+    canvases, answers, start = [canvas_value(), line], [None, None], threading.Barrier(2)
+
+    def visit(i):
+        start.wait()
+        answers[i] = runs[0].fn(canvases[i], "a cat", "{prompt}", 1.0, 3)
+
+    threads = [threading.Thread(target=visit, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert runner.forwards == 1
+    for canvas, (image, seen, _) in zip(canvases, answers):
+        alone, alone_seen, _ = demo_sketch.make_generate(tiny_engine)(canvas, "a cat", "{prompt}", 1.0, 3)
+        assert np.abs(np.asarray(image).astype(int) - np.asarray(alone).astype(int)).max() <= 1
+        assert np.array_equal(np.asarray(seen), np.asarray(alone_seen))
+    assert not np.array_equal(np.asarray(answers[0][0]), np.asarray(answers[1][0]))
