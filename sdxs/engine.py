@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -278,12 +279,16 @@ def batch_bucket(n: int, micro_batch: int) -> int:
 
 
 class CompiledPath:
-    """The torch-compile backend: the text encoder (always batch 1, see SDXSEngine.encode_prompts)
+    """The torch-compile backend: the text encoder (always batch 1, see SDXSEngine.encode_prompt)
     and, per decoder, the whole rest of the call (U-Net [+ ControlNet] -> step -> decoder -> uint8
     pixels) each compiled as one region, per batch bucket. On a GPU "reduce-overhead" captures each
     shape as a CUDA graph: inputs are copied into static buffers, one replay, no host syncs but the
-    final copy of the pixels. Outputs of a CUDA graph are overwritten by its next replay, so callers
-    copy what they keep (the prompt cache clones its embeddings; pixels go to the host at once)."""
+    final copy of the pixels.
+
+    Every compiled call runs on one dedicated thread: PyTorch keeps CUDA graphs per thread, so calls
+    from a web server's many threads would each record (and hold memory for) their own. A graph's
+    outputs are overwritten by its next replay, so they are copied out on that thread (embeddings
+    cloned, pixels to the host) before the next call can start."""
 
     def __init__(self, components: Components, update: OneStepUpdate, device: torch.device):
         import torch._dynamo
@@ -299,6 +304,23 @@ class CompiledPath:
             vae = vae.to(memory_format=torch.channels_last)
             self.renders[name] = torch.compile(
                 functools.partial(render, unet, vae, update, controlnet=components.controlnet), mode=mode, dynamic=False)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxs-compiled")
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder's last hidden state, a copy that the next call does not overwrite."""
+        return self._run(lambda: self.text_encoder(input_ids)[0].clone())
+
+    def pixels(self, decoder: str, noise, embeddings, control=None, control_strength=None) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) on the host."""
+        return self._run(lambda: self.renders[decoder](noise, embeddings, control=control, control_strength=control_strength).cpu())
+
+    def _run(self, call):
+        def on_compiled_thread():
+            with torch.inference_mode():
+                torch.compiler.cudagraph_mark_step_begin()  # earlier outputs were copied out: their buffers may be reused
+                return call()
+
+        return self._thread.submit(on_compiled_thread).result()
 
 
 def _shorten(text: str, limit: int = 40, tail: bool = False) -> str:
@@ -421,9 +443,9 @@ class SDXSEngine:
                 self._prompt_cache.move_to_end(prompt)
                 return self._prompt_cache[prompt]
         ids = self.components.tokenizer([prompt], padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt").input_ids
-        text_encoder = self.compiled.text_encoder if self.compiled else self.components.text_encoder
-        # clone: a compiled (CUDA graph) output is overwritten by the next call
-        embedding = text_encoder(to_device(ids, self.device))[0].to(self.dtype).clone()
+        ids = to_device(ids, self.device)
+        embedding = self.compiled.encode(ids) if self.compiled else self.components.text_encoder(ids)[0]
+        embedding = embedding.to(self.dtype)
         entry = (embedding, self.truncation_warning(prompt))
         if self.prompt_cache_size > 0:
             with self._prompt_cache_lock:
@@ -575,7 +597,7 @@ class SDXSEngine:
             strength = None
             if control is not None:  # a tensor, so that each strength does not compile a graph of its own
                 strength = to_device(torch.tensor(float(control_strength)), self.device, self.dtype)
-            return self.compiled.renders[decoder](pad(noise), pad(embeddings), control=pad(control), control_strength=strength)[:n]
+            return self.compiled.pixels(decoder, pad(noise), pad(embeddings), pad(control), strength)[:n]
         start = time.perf_counter()
         latents = self.denoise(noise, embeddings, control, control_strength)
         timings["unet"] += self._lap(start)

@@ -129,6 +129,21 @@ def test_torch_compile_backend_matches_eager(tiny_model_dir, tiny_engine):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
     got3 = engine.text_to_image("a blue square", seed=7, num_images=3, width=128, height=128).images
     assert np.abs(pixels(got3[1]) - pixels(want.images[3])).max() <= 1
+    # Whichever thread asks, the compiled regions run on the one compiled thread (CUDA graphs are per thread).
+    import threading
+
+    threads, compiled = [], engine.compiled.renders["tiny"]
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return compiled(*args, **kwargs)
+
+    engine.compiled.renders["tiny"] = recording
+    caller = threading.Thread(target=lambda: engine.text_to_image("a red circle", seed=3), name="gradio-worker")
+    caller.start()
+    caller.join()
+    engine.text_to_image("a red circle", seed=3)
+    assert len(threads) == 2 and all(name.startswith("sdxs-compiled") for name in threads)
 
 
 def test_compiled_path_batch_buckets():
