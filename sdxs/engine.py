@@ -221,6 +221,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         return "openvino" if device.type == "cpu" and dtype == torch.float32 and openvino_available() else "torch"
     if device.type != "cpu":
         raise ValueError(f"The {backend} backend runs on the CPU; use --device cpu or --backend torch.")
+    if dtype != torch.float32:
+        raise ValueError(f"The {backend} backend reads fp32 weights and picks its own precision (openvino-bf16 computes in bf16); "
+                         "use --dtype fp32, or --backend torch for PyTorch in bf16.")
     if not openvino_available():
         raise ValueError(f"The {backend} backend needs the openvino package: pip install openvino.")
     return backend

@@ -230,3 +230,12 @@ def test_prompt_cache_encodes_each_prompt_once_and_gives_the_same_image(tiny_eng
     # the long-prompt warning comes with a cached embedding too
     for _ in range(2):
         assert sum("77 tokens" in w for w in engine.text_to_image("word " * 80, width=64, height=64).warnings) == 1
+
+
+@pytest.mark.parametrize("backend", ["openvino", "openvino-bf16"])
+def test_openvino_backends_refuse_non_fp32_weights_up_front(backend):
+    from sdxs.engine import resolve_backend
+
+    with pytest.raises(ValueError, match="reads fp32 weights"):
+        resolve_backend(backend, torch.device("cpu"), torch.bfloat16)
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16) == "torch"

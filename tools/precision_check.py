@@ -1,6 +1,6 @@
 """How far each precision and backend moves the images from the fp32 eager engine's.
 
-    python tools/precision_check.py                                   # the built-in model, CPU: bf16
+    python tools/precision_check.py                                   # the built-in model, CPU: bf16, OpenVINO, compiled
     python tools/precision_check.py --device cuda                     # fp16 and bf16, eager and compiled
     python tools/precision_check.py --model DIR --variants fp32:torch-compile,bf16:torch --out report.json
 
@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPTS = ["grinning face", "red apple", "rocket", "cat face", "sun with face", "pizza", "thumbs up", "red heart"]
-DEFAULT_VARIANTS = {"cpu": "bf16:torch", "cuda": "fp16:torch,bf16:torch,fp32:torch-compile,fp16:torch-compile,bf16:torch-compile"}
+DEFAULT_VARIANTS = {"cpu": "bf16:torch,fp32:openvino,fp32:openvino-bf16,fp32:torch-compile", "cuda": "fp16:torch,bf16:torch,fp32:torch-compile,fp16:torch-compile,bf16:torch-compile"}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=BUILTIN_MODEL, help=f"model id or folder (default {BUILTIN_MODEL}: trained weights, offline)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--variants", default=None, help="comma-separated DTYPE:BACKEND (default: bf16 on a CPU; fp16/bf16, eager and compiled, on CUDA)")
+    parser.add_argument("--variants", default=None, help="comma-separated DTYPE:BACKEND (default: on a CPU bf16 eager, OpenVINO fp32 and bf16, compiled fp32; on CUDA fp16/bf16, eager and compiled)")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts (default all)")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
