@@ -2,16 +2,22 @@
 
     python -m sdxs.bench                                  # exact SDXS-512-DreamShaper, random weights, CPU
     python -m sdxs.bench --rows torch,openvino --runs 3   # a subset
-    python -m sdxs.bench --device cuda --rows upstream,torch,torch-compile --batch 16
+    python -m sdxs.bench --device cuda --clients 16                # GPU rows: batch 1, batch 64, 16 clients
+    python -m sdxs.bench --device cuda --dtype bf16 --batch 128 --micro-batch 64
     python -m sdxs.bench --model path/to/folder           # a real (or the mini) model folder
     python -m sdxs.bench --rows torch,openvino,peer,peer-fp32 --peer-python peer-venv/bin/python
 
-Each row runs in its own process (clean peak RSS, no shared caches): the model is built (exact
-architecture, random weights: compute does not depend on the values) or loaded, one warm-up call
-is timed as the first call (tracing/compiling included), then `--runs` timed calls at batch 1 and
-at `--batch`. The parent measures this machine's fp32 matmul peak and the U-Net's FLOPs, compares
-every row's image with the plain fp32 engine's image for the same seed, and writes JSON + markdown.
-The peer rows (FastSD CPU's engine) run under a separate interpreter: see sdxs/bench_peer.py.
+Each row runs in its own process (clean peak RSS / GPU memory, no shared caches): the model is
+built (exact architecture, random weights: compute does not depend on the values) or loaded, one
+warm-up call is timed as the first call (tracing/compiling included), then `--runs` timed calls at
+batch 1 and at `--batch` (run by the engine in forwards of `--micro-batch` images). The engine's
+prompt cache is off: every call encodes its prompt, as a visitor's new prompt does. With
+`--clients N`, N threads then each send batch-1 requests (own prompt, own seeds) through
+sdxs.batching.RequestBatcher, which gathers concurrent requests into shared forwards; the same
+requests run one after another give the solo figure, and each batched answer is compared with its
+solo answer. The parent measures the matmul peak in the rows' dtype and the U-Net's FLOPs,
+compares every row's image with the plain engine's image for the same seed, and writes JSON +
+markdown. The peer rows (FastSD CPU's engine) run under a separate interpreter: see sdxs/bench_peer.py.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +52,18 @@ ROWS = {
 PEER_ROWS = ("peer", "peer-fp32")
 PEER_SCRIPT = str(Path(__file__).with_name("bench_peer.py"))  # run by --peer-python, not imported
 PROMPT = "a close-up picture of an old man standing in the rain"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {value: key for key, value in DTYPES.items()}
+STAGES = ("text_encoder", "unet", "decoder", "total")
+DEFAULT_BATCH = {"cuda": 64, "cpu": 4}  # the issue's GPU row is "batch 64 or more"; on a CPU batching gains ~5%
+# batch-1 requests each client sends, one after another, in the timed clients run: on a GPU enough
+# for the batched run to last well over the window and a few forwards (16 clients: 256 requests)
+CLIENT_ROUNDS = {"cuda": 16, "cpu": 4}
 
 
 # --- worker: one row, in its own process ----------------------------------------------------------
 
-def _build_engine(model: str, row: str, device: str, dtype: str | None):
+def _build_engine(model: str, row: str, device: str, dtype: str | None, micro_batch: int | None = None):
     from sdxs.engine import SDXSEngine
     from sdxs.loading import Components, load_components, pick_device_and_dtype
     from sdxs.registry import MODELS
@@ -72,7 +87,8 @@ def _build_engine(model: str, row: str, device: str, dtype: str | None):
     else:
         components = load_components(model, dev, dt)
     backend = "torch" if row == "upstream" else row
-    return SDXSEngine(components, dev, dt, backend)
+    # prompt cache off: the rows time a new prompt's full cost (the cache only spares repeats)
+    return SDXSEngine(components, dev, dt, backend, micro_batch=micro_batch, prompt_cache_size=0)
 
 
 def bench_sketch():
@@ -118,9 +134,93 @@ def _stage_timer(modules: dict):
     return timings
 
 
+def client_requests(clients: int, rounds: int) -> list[list[tuple[str, int]]]:
+    """Per client, its batch-1 requests (prompt, seed): its own prompt variant, a new seed each round."""
+    return [[(f"{PROMPT}, variant {client}", client * rounds + r) for r in range(rounds)] for client in range(clients)]
+
+
+def _send_concurrently(call, requests: list[list[tuple[str, int]]]) -> tuple[float, list[list]]:
+    """Each client in its own thread sends its requests one after another (the next once the last is
+    answered), all starting together. Returns the wall seconds until every answer is in, and the answers."""
+    answers = [[None] * len(client) for client in requests]
+    start_line = threading.Barrier(len(requests) + 1)
+
+    def client(index):
+        start_line.wait()
+        for r, (prompt, seed) in enumerate(requests[index]):
+            answers[index][r] = call(prompt, seed)
+
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        futures = [pool.submit(client, index) for index in range(len(requests))]
+        start_line.wait()
+        start = time.perf_counter()
+        for future in futures:
+            future.result()  # re-raises a client's error here
+        seconds = time.perf_counter() - start
+    return seconds, answers
+
+
+def _only_image(generation, seed: int):
+    """The one image of a batch-1 answer, after checking that it is this request's."""
+    if len(generation.images) != 1 or generation.seeds != [seed]:
+        raise RuntimeError(f"a batch-1 request of seed {seed} got {len(generation.images)} images of seeds {generation.seeds}")
+    return generation.images[0]
+
+
+def through_engine_batch(engine, batch: int, sketch=None):
+    """One engine call of `batch` images (text, or sketch mode with the bench's sketch)."""
+    if sketch is not None:
+        return engine.sketch_to_image(sketch, PROMPT, seed=0, num_images=batch, control_strength=0.8)
+    return engine.text_to_image(PROMPT, seed=0, num_images=batch)
+
+
+def run_clients(engine, clients: int, rounds: int, sketch=None) -> dict:
+    """N concurrent clients through the request batcher vs the same requests one after another."""
+    from sdxs.batching import RequestBatcher
+    from sdxs.engine import batch_bucket
+
+    def through(target):
+        if sketch is not None:
+            return lambda prompt, seed: _only_image(target.sketch_to_image(sketch, prompt, seed=seed, control_strength=0.8), seed)
+        return lambda prompt, seed: _only_image(target.text_to_image(prompt, seed=seed), seed)
+
+    requests = client_requests(clients, rounds)
+    batcher = RequestBatcher(engine)
+    # Warm-up: every batch the batcher can form (one request per client at a time, at most max_batch)
+    # runs at one of these buckets; the compiled path compiles each once, here and not while timed.
+    for size in sorted({batch_bucket(n, engine.micro_batch) for n in range(1, min(clients, batcher.max_batch) + 1)}):
+        through_engine_batch(engine, size, sketch)
+    try:
+        _send_concurrently(through(batcher), [client[:1] for client in requests])  # warm-up of the batcher's path
+        forwards_before = batcher.forwards
+        batched_s, batched = _send_concurrently(through(batcher), requests)
+        forwards = batcher.forwards - forwards_before
+    finally:
+        batcher.close()
+    solo_call = through(engine)
+    start = time.perf_counter()
+    solo = [[solo_call(prompt, seed) for prompt, seed in client] for client in requests]
+    solo_s = time.perf_counter() - start
+    diffs = [max_abs_diff(a, b) for batched_client, solo_client in zip(batched, solo) for a, b in zip(batched_client, solo_client)]
+    count = clients * rounds
+    return {
+        "clients": clients, "rounds": rounds, "requests": count, "forwards": forwards,
+        "batched_s": batched_s, "solo_s": solo_s,
+        "images_per_s": count / batched_s, "images_per_s_solo": count / solo_s,
+        "vs_solo_max_abs_diff": max(diffs), "vs_solo_compared": len(diffs),
+    }
+
+
+def max_abs_diff(a, b) -> int:
+    return int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max())
+
+
 def run_worker(args) -> dict:
     torch.manual_seed(0)
-    engine = _build_engine(args.model, args.worker, args.device, args.dtype)
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    engine = _build_engine(args.model, args.worker, args.device, args.dtype, args.micro_batch)
     sketch = bench_sketch() if args.mode == "sketch" else None
     if args.worker == "upstream":
         from diffusers import DEISMultistepScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
@@ -148,53 +248,88 @@ def run_worker(args) -> dict:
             return images, times
     else:
         def generate(batch):
-            if sketch is not None:
-                result = engine.sketch_to_image(sketch, PROMPT, seed=0, num_images=batch, control_strength=0.8)
-            else:
-                result = engine.text_to_image(PROMPT, seed=0, num_images=batch)
+            result = through_engine_batch(engine, batch, sketch)
             return result.images, result.timings
 
     start = time.perf_counter()
     images, _ = generate(1)
     first_call = time.perf_counter() - start
-    stages = {key: [] for key in ("text_encoder", "unet", "decoder", "total")}
+    # The stages each call reports: all four on eager backends; "total" alone on the compiled path,
+    # whose one fused region has no stage boundaries to time (that would take a sync per stage).
+    stages = {}
     for _ in range(args.runs):
         images, run_timings = generate(1)
-        for key in stages:
-            stages[key].append(run_timings[key])
-    generate(args.batch)  # warm-up for the batched shape
-    batched = [generate(args.batch)[1]["total"] for _ in range(max(1, args.runs // 2))]
+        for key in STAGES:
+            if key in run_timings:
+                stages.setdefault(key, []).append(run_timings[key])
+    start = time.perf_counter()
+    generate(args.batch)  # warm-up for the batched shape (the compiled path compiles its buckets here)
+    first_batched_call = time.perf_counter() - start
+    batched = []
+    for _ in range(max(1, args.runs // 2)):
+        batch_images, run_timings = generate(args.batch)
+        batched.append(run_timings["total"])
     image_path = Path(args.json_out).with_suffix(".png")
     images[0].save(image_path)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in stages.items()}
-    return {
+    result = {
         "row": args.worker,
         "backend": engine.backend,
+        "dtype": DTYPE_NAMES[engine.dtype],
+        "micro_batch": engine.micro_batch,
         "first_call_s": first_call,
+        f"first_call_batch{args.batch}_s": first_batched_call,
         "stages_s": summary,
         "images_per_s_batch1": 1.0 / summary["total"]["median"],
         f"images_per_s_batch{args.batch}": args.batch / statistics.median(batched),
-        "peak_rss_bytes": peak_rss,
+        "batched_images": len(batch_images),
         "image": str(image_path),
     }
+    if args.clients and args.worker != "upstream":  # the upstream demo serves one request at a time
+        result["clients"] = run_clients(engine, args.clients, client_rounds(args.device), sketch)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if on_gpu:
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return result
 
 
 # --- parent: machine facts, reference numbers, the table ------------------------------------------
 
-def matmul_peak_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
+def client_rounds(device: str) -> int:
+    return CLIENT_ROUNDS.get(torch.device(device).type, CLIENT_ROUNDS["cpu"])
+
+
+def default_batch(device: str) -> int:
+    return DEFAULT_BATCH.get(torch.device(device).type, DEFAULT_BATCH["cpu"])
+
+
+def rows_dtype(device: str, dtype: str | None) -> str:
+    """The dtype the rows run in (the engine's default when --dtype is not given: fp16 on a GPU, fp32
+    on a CPU); the matmul peak is measured in it, since a GPU's fp16/bf16 peak is ~50x its fp32 one."""
+    return dtype or ("fp16" if torch.device(device).type == "cuda" else "fp32")
+
+
+def matmul_peak(device: str, dtype: str, n: int | None = None, repeats: int = 10) -> dict:
+    """The best of `repeats` timed n x n matmuls in `dtype`: {"gflops", "dtype" (read from the
+    product, so it says what really ran), "n"}. On a GPU n is larger and each timing averages 10
+    back-to-back matmuls, so launch and sync overheads do not hide the peak."""
     dev = torch.device(device)
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    times = []
-    for _ in range(repeats + 2):
-        if dev.type == "cuda":
+    on_gpu = dev.type == "cuda"
+    n = n or (8192 if on_gpu else 2048)
+    a, b = (torch.randn(n, n, device=dev).to(DTYPES[dtype]) for _ in range(2))
+    per_timing = 10 if on_gpu else 1
+    best = float("inf")
+    for trial in range(repeats + 2):  # the first two warm up
+        if on_gpu:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        a @ b
-        if dev.type == "cuda":
+        for _ in range(per_timing):
+            product = a @ b
+        if on_gpu:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times[2:]) / 1e9
+        if trial >= 2:
+            best = min(best, (time.perf_counter() - start) / per_timing)
+    return {"gflops": 2 * n**3 / best / 1e9, "dtype": DTYPE_NAMES[product.dtype], "n": n}
 
 
 def unet_gflop_per_image(model: str, with_controlnet: bool = False) -> float:
@@ -254,40 +389,88 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def _stage_ms(stages: dict, key: str) -> str:
+    return f"{stages[key]['median'] * 1000:.0f} ms" if key in stages else "fused"
+
+
+def _gflops(gflops: float, peak: float, lower_bound: bool) -> str:
+    return f"{'≥ ' if lower_bound else ''}{gflops:.0f} ({100 * gflops / peak:.0f}%)"
+
+
+def _clients_cell(row: dict) -> str:
+    clients = row.get("clients")
+    if not clients:
+        return "n/a"
+    gain = clients["images_per_s"] / clients["images_per_s_solo"]
+    return f"**{clients['images_per_s']:.2f}** (solo {clients['images_per_s_solo']:.2f}: {gain:.1f}x)"
+
+
 def markdown(report: dict) -> str:
-    rows, batch = report["rows"], report["batch"]
+    rows, batch, clients = report["rows"], report["batch"], report.get("clients", 0)
     unet_label = "U-Net + ControlNet" if report["mode"] == "sketch" else "U-Net"
+    on_gpu = report["device"].startswith("cuda")
+    peak, peak_dtype = report["matmul_peak_gflops"], report.get("matmul_peak_dtype", "fp32")
     ref = rows.get("upstream")
+    machine = report["machine"]
+    columns = ["row", "text enc.", unet_label, "decoder", "end-to-end (median, min-max)", "vs (a)", "img/s b1", f"img/s b{batch}"]
+    columns += [f"img/s {clients} clients (solo)"] if clients else []
+    columns += ["first call", "peak GPU memory" if on_gpu else "peak RSS", f"{unet_label} GFLOP/s b1 (% peak)",
+                f"{unet_label} GFLOP/s b{batch} (% peak)", f"image vs {report.get('dtype', 'fp32')} engine (b)"]
     lines = [
         f"Command: `{report['command']}`  ",
         f"Date: {report['date']}; model: `{report['model']}` (exact architecture, random weights unless a folder), {report['mode']}-to-image; "
-        f"device: {report['device']}; runs: {report['runs']} after one warm-up.  ",
-        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores ({report['machine']['torch_threads']} torch threads), "
-        f"features {', '.join(report['machine']['cpu_features']) or 'none'}; torch {report['machine']['torch']}"
-        + (f", OpenVINO {report['machine']['openvino']}" if "openvino" in report["machine"] else "") + ".  ",
-        f"fp32 matmul peak measured in this run: {report['matmul_peak_gflops']:.0f} GFLOP/s; {unet_label}: {report['unet_gflop']:.0f} GFLOP per image.",
+        f"device: {report['device']}, {report.get('dtype', 'fp32')}; runs: {report['runs']} after one warm-up; batch {batch} in forwards of "
+        f"{report.get('micro_batch') or 'the engine default (64 on cuda, 4 on cpu)'}.  ",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
+        f"features {', '.join(machine['cpu_features']) or 'none'}" + (f"; GPU {machine['gpu']}" if "gpu" in machine else "")
+        + f"; torch {machine['torch']}" + (f", OpenVINO {machine['openvino']}" if "openvino" in machine else "") + ".  ",
+        f"{peak_dtype} matmul peak measured in this run: {peak:.0f} GFLOP/s; {unet_label}: {report['unet_gflop']:.0f} GFLOP per image.",
         "",
-        f"| row | text enc. | {unet_label} | decoder | end-to-end (median, min-max) | vs (a) | img/s b1 | img/s b{batch} | first call | peak RSS | {unet_label} GFLOP/s (% peak) | image vs fp32 engine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
+    notes = []
     for name, r in rows.items():
         if "error" in r or "not_run" in r:
             why = f"not run: {r['not_run']}" if "not_run" in r else f"failed: {r['error']}"
-            lines.append(f"| {ROWS.get(name, name)} | {why} |" + " |" * 10)
+            lines.append(f"| {ROWS.get(name, name)} | {why} |" + " |" * (len(columns) - 2))
             continue
         s = r["stages_s"]
         speedup = f"{ref['stages_s']['total']['median'] / s['total']['median']:.2f}x" if ref and "stages_s" in ref else "n/a"
-        unet_gflops = report["unet_gflop"] / s["unet"]["median"]
+        # Without a U-Net stage time (the compiled path) the end-to-end time bounds the U-Net's rate from below.
+        unet_s = s["unet"]["median"] if "unet" in s else s["total"]["median"]
+        batched = r[f"images_per_s_batch{batch}"]
         agreement = r.get("agreement", {})
         agree = f"max diff {agreement['max_abs_diff']}/255, PSNR {agreement['psnr_db']:.1f} dB" if agreement else "reference"
-        lines.append(
-            f"| {ROWS.get(name, name)} | {s['text_encoder']['median'] * 1000:.0f} ms | {s['unet']['median'] * 1000:.0f} ms | "
-            f"{s['decoder']['median'] * 1000:.0f} ms | **{s['total']['median'] * 1000:.0f} ms** ({s['total']['min'] * 1000:.0f}-{s['total']['max'] * 1000:.0f}) | "
-            f"{speedup} | {r['images_per_s_batch1']:.2f} | {r[f'images_per_s_batch{batch}']:.2f} | {r['first_call_s']:.1f} s | "
-            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {unet_gflops:.0f} ({100 * unet_gflops / report['matmul_peak_gflops']:.0f}%) | {agree} |"
-        )
+        memory = r.get("peak_gpu_bytes") if on_gpu else r.get("peak_rss_bytes")
+        cells = [ROWS.get(name, name), _stage_ms(s, "text_encoder"), _stage_ms(s, "unet"), _stage_ms(s, "decoder"),
+                 f"**{s['total']['median'] * 1000:.0f} ms** ({s['total']['min'] * 1000:.0f}-{s['total']['max'] * 1000:.0f})",
+                 speedup, f"{r['images_per_s_batch1']:.2f}", f"{batched:.2f}"]
+        cells += [_clients_cell(r)] if clients else []
+        first_batched = r.get(f"first_call_batch{batch}_s")
+        cells += [f"{r['first_call_s']:.1f} s" + ("" if first_batched is None else f" (b{batch}: {first_batched:.1f} s)"),
+                  "n/a" if memory is None else f"{memory / 2**30:.2f} GiB",
+                  _gflops(report["unet_gflop"] / unet_s, peak, lower_bound="unet" not in s),
+                  _gflops(report["unet_gflop"] * batched, peak, lower_bound=True), agree]
+        lines.append("| " + " | ".join(cells) + " |")
+        if r.get("clients"):
+            c = r["clients"]
+            notes.append(f"{ROWS.get(name, name)}: {c['requests']} requests in {c['forwards']} forwards "
+                         f"({c['requests'] / max(1, c['forwards']):.1f} images per forward); each answer vs the same request "
+                         f"run alone: max diff {c['vs_solo_max_abs_diff']}/255 over {c['vs_solo_compared']} images.")
     networks = "text encoder + U-Net + ControlNet + both VAEs" if report["mode"] == "sketch" else "text encoder + U-Net + both VAEs"
     lines += ["", f"fp32 weights of the one-step networks ({networks}): {report['fp32_weights_bytes'] / 2**30:.2f} GiB."]
+    if any("stages_s" in r and "unet" not in r["stages_s"] for r in rows.values()):
+        lines += ["", "fused: the compiled path (the text encoder, then U-Net, step and decoder as one region: CUDA graphs on a "
+                  "GPU) takes no stage times (that would take a sync per stage); its b1 GFLOP/s use the end-to-end time."]
+    lines += ["", f"≥: {unet_label} GFLOP/s from the end-to-end time, a lower bound (the b{batch} column always: "
+              f"{unet_label} FLOPs x images/s at batch {batch})."]
+    if clients:
+        rounds = report["client_rounds"]
+        lines += ["", f"{clients} clients: {clients} threads each send {rounds} batch-1 requests (own prompt variant, own seeds), "
+                  "the next once the last is answered, through sdxs.batching.RequestBatcher, which gathers concurrent requests "
+                  "into shared forwards; solo: the same requests one after another on the engine.", ""]
+        lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -335,12 +518,15 @@ def run_parent(args) -> dict:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"error: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    dtype = rows_dtype(args.device, args.dtype)
+    peak = matmul_peak(args.device, dtype)
     report = {
-        "command": "python -m sdxs.bench " + " ".join(sys.argv[1:]),
+        "command": "python -m sdxs.bench " + " ".join(args.argv),
         "date": datetime.date.today().isoformat(),
-        "model": args.model, "mode": args.mode, "device": args.device, "runs": args.runs, "batch": args.batch,
+        "model": args.model, "mode": args.mode, "device": args.device, "dtype": dtype, "runs": args.runs, "batch": args.batch,
+        "micro_batch": args.micro_batch, "clients": args.clients, "client_rounds": client_rounds(args.device),
         "machine": machine_description(),
-        "matmul_peak_gflops": matmul_peak_gflops(args.device),
+        "matmul_peak_gflops": peak["gflops"], "matmul_peak_dtype": peak["dtype"], "matmul_peak_n": peak["n"],
         "unet_gflop": unet_gflop_per_image(args.model, with_controlnet=args.mode == "sketch"),
         "rows": {},
     }
@@ -354,7 +540,8 @@ def run_parent(args) -> dict:
         for row in rows:
             out = Path(tmp) / f"{row}.json"
             cmd = [sys.executable, "-m", "sdxs.bench", "--worker", row, "--json-out", str(out), "--model", args.model, "--mode", args.mode,
-                   "--device", args.device, "--runs", str(args.runs), "--batch", str(args.batch)] + (["--dtype", args.dtype] if args.dtype else [])
+                   "--device", args.device, "--dtype", dtype, "--runs", str(args.runs), "--batch", str(args.batch),
+                   "--clients", str(args.clients)] + (["--micro-batch", str(args.micro_batch)] if args.micro_batch else [])
             if row in PEER_ROWS:
                 problem = peer_problem(args)
                 if problem:
@@ -385,25 +572,58 @@ def run_parent(args) -> dict:
     return report
 
 
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least {low}; got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdxs.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="IDKiro/sdxs-512-dreamshaper", help="known id (built with random weights) or a local folder")
     parser.add_argument("--rows", default=None, help=f"comma-separated rows from: {', '.join(ROWS)} (default: all that fit the device)")
     parser.add_argument("--mode", default="text", choices=["text", "sketch"], help="text-to-image, or sketch-to-image through the ControlNet (use --model IDKiro/sdxs-512-dreamshaper-sketch)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="default: fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per row after the warm-up (default 5)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size for the batched throughput (default 4)")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="default: fp16 on cuda, fp32 on cpu (bf16: CPUs with native bf16, or GPUs); the matmul peak is measured in it")
+    parser.add_argument("--runs", type=positive_int, default=5, help="timed runs per row after the warm-up (default 5)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help=f"images per call for the batched throughput (default {DEFAULT_BATCH['cuda']} on cuda, {DEFAULT_BATCH['cpu']} on cpu)")
+    parser.add_argument("--micro-batch", type=positive_int, default=None,
+                        help="images per forward; calls of any size run in chunks of it (default: the engine's, 64 on cuda, 4 on cpu)")
+    parser.add_argument("--clients", type=non_negative_int, default=0,
+                        help=f"also measure N concurrent clients, each sending {CLIENT_ROUNDS['cuda']} (cuda) or {CLIENT_ROUNDS['cpu']} (cpu) batch-1 requests through "
+                             "sdxs.batching.RequestBatcher, against the same requests run alone (default 0: off; e.g. 16 on a GPU)")
     parser.add_argument("--peer-python", default=os.environ.get("SDXS_PEER_PYTHON"),
                         help="interpreter of a venv with optimum-intel, for the peer rows (see sdxs/bench_peer.py; default $SDXS_PEER_PYTHON)")
     parser.add_argument("--out", default="docs/benchmarks", help="writes OUT.json and OUT-table.md (default docs/benchmarks)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # for the report's command line
 
     if args.worker:
         Path(args.json_out).write_text(json.dumps(run_worker(args)))
         return 0
+    from sdxs.loading import pick_device_and_dtype
+
+    try:  # a device or dtype this machine cannot run fails here, with what to use instead
+        pick_device_and_dtype(args.device, args.dtype)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    args.batch = args.batch or default_batch(args.device)
     if args.rows is None:
         if args.device == "cpu":
             from sdxs.openvino_backend import cpu_supports_bf16, openvino_available
