@@ -143,7 +143,7 @@ def load_engines(args) -> dict[str, SDXSEngine]:
     """The base model, plus the LoRA style variant when one is asked for (or by default, the
     anime LoRA over the default DreamShaper). A LoRA that cannot be loaded is skipped, loudly.
     No --model: the default, or the built-in model when the default cannot be loaded."""
-    engine = load_engine_or_exit(args)
+    engine = load_engine_or_exit(args, aot_batch_sizes=tuple(range(1, MAX_IMAGES + 1)))  # ZeroGPU: compiled for 1-4 images
     engines = {display_name(engine): engine}
     lora = args.lora if args.lora is not None else (ANIME_LORA if engine.name == DEFAULT_MODEL else "none")
     if lora != "none":

@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from sdxs.aot import on_zero_gpu
 from sdxs.engine import BACKENDS, Generation, SDXSEngine
 from sdxs.loading import ModelNotFoundError
 from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, builtin_model
@@ -36,11 +37,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 # Requests served at once on a GPU: their forwards are gathered into shared batches (sdxs.batching).
 GPU_CONCURRENCY = 16
-
-
-def on_zero_gpu() -> bool:
-    """A ZeroGPU Space (the spaces package's own test): each call gets a GPU of its own for a while."""
-    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
 def batches_requests(engine: SDXSEngine) -> bool:
@@ -158,10 +154,12 @@ def fallback_notice(default_model: str = DEFAULT_MODEL) -> str:
     )
 
 
-def load_engine_or_exit(args, *, default_model: str = DEFAULT_MODEL, **kwargs) -> SDXSEngine:
+def load_engine_or_exit(args, *, default_model: str = DEFAULT_MODEL, aot_batch_sizes: tuple[int, ...] = (), **kwargs) -> SDXSEngine:
     """Load once at start-up (and warm up, so tracing/compiling is not a visitor's wait); on
     failure print one actionable message (no traceback) and exit 2. `args.model` None (flags with
-    builtin_fallback): `default_model`, else the built-in one (load_default_or_builtin)."""
+    builtin_fallback): `default_model`, else the built-in one (load_default_or_builtin).
+    On ZeroGPU, where torch.compile is not supported, the U-Net and decoder are compiled ahead of
+    time for `aot_batch_sizes` (sdxs.aot; none given: eager)."""
     try:
         options = dict(device=args.device, dtype=args.dtype, backend=args.backend, **kwargs)
         if args.model is None:
@@ -171,6 +169,10 @@ def load_engine_or_exit(args, *, default_model: str = DEFAULT_MODEL, **kwargs) -
     except (ModelNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if aot_batch_sizes and on_zero_gpu():
+        from sdxs.aot import compile_ahead_of_time
+
+        compile_ahead_of_time(engine, aot_batch_sizes)  # logs what it compiled, or why it stays eager
     if engine.backend != "torch":
         engine.warm_up()  # logs its progress
     return engine

@@ -247,3 +247,29 @@ def test_batched_serving_gives_each_visitor_the_images_they_would_get_alone(tiny
         assert used_seed == seed and len(images) == n and f"{n} image(s)" in status
         for a, b in zip(images, solo_images):
             assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+def test_on_zero_gpu_the_app_compiles_ahead_of_time_for_its_batch_sizes(tiny_model_dir, monkeypatch):
+    import sdxs.aot
+
+    calls = []
+    monkeypatch.setattr(sdxs.aot, "compile_ahead_of_time", lambda engine, batch_sizes: calls.append((engine.name, batch_sizes)) or [])
+    args = app.parse_args(["--model", str(tiny_model_dir), "--lora", "none", "--device", "cpu", "--backend", "torch"])
+    app.load_engines(args)
+    assert calls == []  # not on ZeroGPU: nothing compiled ahead of time
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    app.load_engines(args)
+    assert calls == [(str(tiny_model_dir), (1, 2, 3, 4))]  # the app's 1-4 images per request
+
+
+def test_requests_are_batched_on_a_gpu_but_not_on_zero_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdxs.webapp import batches_requests
+
+    gpu, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    assert batches_requests(gpu) and not batches_requests(cpu)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert not batches_requests(gpu)  # each ZeroGPU request holds its own GPU slot
