@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from sdxs.aot import on_zero_gpu
-from sdxs.engine import BACKENDS, Generation, SDXSEngine
+from sdxs.engine import BACKENDS, Generation, SDXSEngine, batch_bucket
 from sdxs.loading import ModelNotFoundError
 from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, builtin_model
 from sdxs.validation import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
@@ -53,8 +53,16 @@ def request_runner(engine: SDXSEngine, batch_requests: bool | None = None):
     if batches_requests(engine) if batch_requests is None else batch_requests:
         from sdxs.batching import RequestBatcher
 
-        return RequestBatcher(engine)
+        return RequestBatcher(engine, max_batch=GPU_CONCURRENCY)
     return engine
+
+
+def warm_up_sizes(engine: SDXSEngine) -> tuple[int, ...]:
+    """The batch sizes to prepare at start-up: the compiled path captures one graph per batch bucket,
+    and with batched serving a forward holds up to GPU_CONCURRENCY images."""
+    if engine.backend != "torch-compile" or not batches_requests(engine):
+        return (1,)
+    return tuple(sorted({batch_bucket(n, engine.micro_batch) for n in range(1, GPU_CONCURRENCY + 1)}))
 
 
 def concurrency_limit(runner) -> int:
@@ -174,7 +182,7 @@ def load_engine_or_exit(args, *, default_model: str = DEFAULT_MODEL, aot_batch_s
 
         compile_ahead_of_time(engine, aot_batch_sizes)  # logs what it compiled, or why it stays eager
     if engine.backend != "torch":
-        engine.warm_up()  # logs its progress
+        engine.warm_up(warm_up_sizes(engine))  # logs its progress
     return engine
 
 

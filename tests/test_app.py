@@ -273,3 +273,18 @@ def test_requests_are_batched_on_a_gpu_but_not_on_zero_gpu(monkeypatch):
     assert batches_requests(gpu) and not batches_requests(cpu)
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert not batches_requests(gpu)  # each ZeroGPU request holds its own GPU slot
+
+
+def test_a_compiled_gpu_server_prepares_every_batch_bucket_its_batcher_can_form(tiny_engine, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdxs.webapp import warm_up_sizes
+
+    compiled_gpu = SimpleNamespace(device=torch.device("cuda"), backend="torch-compile", micro_batch=64)
+    assert warm_up_sizes(compiled_gpu) == (1, 2, 4, 8, 16)  # 16 requests at once, one graph per bucket
+    assert warm_up_sizes(SimpleNamespace(device=torch.device("cuda"), backend="torch-compile", micro_batch=4)) == (1, 2, 4)
+    assert warm_up_sizes(tiny_engine) == (1,)  # a CPU serves one request at a time
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert warm_up_sizes(compiled_gpu) == (1,)
