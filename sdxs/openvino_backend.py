@@ -274,7 +274,10 @@ def ir_cache_dir(folders: tuple[str, ...], precision: str) -> Path | None:
     for folder in map(Path, folders):
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         stamp += [str(folder.resolve())] + [f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-    return root / hashlib.sha1(json.dumps([stamp, precision]).encode()).hexdigest()[:16]
+    # "fp32 weights": the networks are traced from fp32 modules only (the engine refuses other
+    # dtypes for OpenVINO). Caches from before that rule may hold IR traced from bf16 modules, which
+    # gave broken images (PSNR 17 dB) through openvino-bf16; the new key leaves them unused.
+    return root / hashlib.sha1(json.dumps([stamp, precision, "fp32 weights"]).encode()).hexdigest()[:16]
 
 
 def to_openvino(components, precision: str = "f32", cache_dir: Path | None = None):
