@@ -282,3 +282,41 @@ def test_unet_cache_is_rebuilt_when_what_it_was_built_from_changes(smoke_args, t
         vae.decoder.conv_out.bias.add_(1.0)  # a retrained VAE in the same folder
     vae.save_pretrained(tmp_path / "vae" / "final")
     assert teacher.unet_cache_key(tmp_path, second) != rebuilt["key"]
+
+
+# --- issue 18: teacher v2 (128 px, f=8 VAE) ----------------------------------------------------------
+
+
+def test_v2_preset_is_an_f8_teacher_on_16x16_latents_whose_final_folder_fits_60_mb(tokenizer, tmp_path):
+    """The v2 preset's models as train/README.md "Teacher v2" lists them (f=8: 128 px -> 16x16x4 latents,
+    the full preset's U-Net and text tower), built by the script's own config functions and saved by the
+    function main() saves with: the weights of the final folder stay within the teacher's 60 MB."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    from sdxs.tokenizer import cached_clip_tokenizer_dir
+
+    args = teacher.parse_args(["--preset", "v2", "--data", str(tmp_path / "unused"), "--output_dir", str(tmp_path / "run")])
+    full = teacher.parse_args(["--preset", "full", "--data", str(tmp_path / "unused"), "--output_dir", str(tmp_path / "run")])
+    assert args.resolution == 128 and args.vae_channels == (16, 32, 48, 64) and teacher.latent_side(args) == 16
+    assert teacher.latent_side(full) == 16 and (args.unet_channels, args.text_width) == (full.unet_channels, full.text_width)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**teacher.vae_config(args.vae_channels, args.resolution)).eval()
+    clip = CLIPModel(teacher.clip_config(args, len(tokenizer))).eval()
+    unet = UNet2DConditionModel(**teacher.unet_config(args, teacher.latent_side(args))).eval()
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in
+              {"vae": vae, "unet": unet, "clip": clip, "text": clip.text_model, "vision": clip.vision_model}.items()}
+    assert counts == {"vae": 858_583, "unet": 6_715_588, "clip": 8_060_545, "text": 7_127_424, "vision": 900_352}  # README table
+    assert clip.vision_model.embeddings.num_patches == 64  # patch 16 at 128 px: full's 8x8 tokens
+    with torch.no_grad():
+        assert vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean.shape == (1, 4, 16, 16)
+
+    final = tmp_path / "final"
+    teacher.save_final_folder(final, teacher.text_encoder_of(clip), unet, vae, clip, cached_clip_tokenizer_dir(), args.save_dtype)
+    weights = sorted(final.glob("*/*.safetensors"))
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder", "eval_tower"}
+    assert sum(p.stat().st_size for p in weights) <= 60_000_000  # the bundled teacher's budget (tests/test_emoji_teacher.py)
+    pipe = StableDiffusionPipeline.from_pretrained(final)
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 16
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    assert {t.dtype for t in load_file(final / "eval_tower" / "model.safetensors").values()} == {torch.float16}

@@ -6,6 +6,9 @@ Tiny run on a CPU (seconds; builds a synthetic coloured-shapes data set in OUT/s
 The emoji teacher (2-core CPU budget: 90 minutes; see train/README.md "Small teacher (issue 7)"):
     python train/emoji_data.py --out data/emoji
     python train/train_teacher.py --preset full --data data/emoji --output_dir outputs/teacher
+Teacher v2 at 128 px, f=8 VAE (~10 h on one CPU thread, in the background; train/README.md "Teacher v2"):
+    python train/emoji_data.py --out data/emoji128 --image_size 128
+    python train/train_teacher.py --preset v2 --data data/emoji128 --output_dir outputs/teacher-v2
 Resume a killed run: the same command plus `--resume latest` (finished phases are skipped, the current
 one continues from its last checkpoint; changed settings are refused unless --allow_changed names them).
 Records with an undecodable image or no caption are skipped and counted (OUTPUT_DIR/data_report.json;
@@ -13,7 +16,7 @@ more than --max_bad_fraction of a split stops the run), and a NaN/inf loss or gr
 before it reaches the weights (--skip_nonfinite N skips up to N such steps per phase first).
 
 Phases, each in OUTPUT_DIR/<phase>/ with its own checkpoints/, log.csv, samples/, loss_curve.png, final/:
-1. vae:  an AutoencoderKL (f = 2^(len(--vae_channels)-1); 4 in the full preset), loss = L1 + MSE
+1. vae:  an AutoencoderKL (f = 2^(len(--vae_channels)-1); 4 in the full preset, 8 in v2), loss = L1 + MSE
    reconstruction + kl_weight * KL(q(z|x) || N(0, I)) (the LDM autoencoder without its perceptual and
    GAN terms). Its scaling_factor is set to 1/std of the training latents at the end (as SD's 0.18215).
 2. clip: a CLIPModel (small text + vision towers) trained with the symmetric InfoNCE loss of CLIP
@@ -76,6 +79,20 @@ PRESETS = {
         "unet_channels": (64, 128, 128), "unet_layers": 1, "unet_steps": 2800, "unet_batch_size": 64, "unet_lr": 5e-4, "ema_decay": 0.999,
         "caption_dropout": 0.1, "sample_steps": 25, "sample_guidance": 4.0, "save_dtype": "fp16",
     },
+    # v2 (issue 18): 128 px with an f=8 VAE, so the U-Net keeps full's 16x16x4 latents and its widths. Sized from
+    # 20-step timing probes on one thread of the shared 2-core CPU (train/README.md "Teacher v2"): VAE (16, 32, 48, 64)
+    # 0.86 M params 1.8 s/step at batch 16, CLIP with patch 16 (8x8 tokens at 128 px, as full's patch 8 at 64 px)
+    # 1.3 s/step, U-Net 6.7 M 1.7 s/step -> ~4 h + 0.7 h + 5.6 h. The VAE is the widest f=8 one that keeps the
+    # final folder's weights under 60 MB beside full's text encoder and U-Net. A checkpoint every 250 steps is
+    # 5-8 minutes of CPU time, so a killed session loses little.
+    "v2": {
+        "resolution": 128, "num_threads": 1, "checkpoint_every": 250, "keep_checkpoints": 2, "log_every": 50, "sample_every": 1000,
+        "vae_channels": (16, 32, 48, 64), "vae_steps": 8000, "vae_batch_size": 16, "vae_lr": 1e-3, "kl_weight": 1e-6,
+        "text_width": 128, "text_layers": 4, "vision_width": 128, "vision_layers": 4, "patch_size": 16, "projection_dim": 128,
+        "clip_steps": 2000, "clip_batch_size": 128, "clip_lr": 5e-4,
+        "unet_channels": (64, 128, 128), "unet_layers": 1, "unet_steps": 12000, "unet_batch_size": 64, "unet_lr": 5e-4, "ema_decay": 0.9995,
+        "caption_dropout": 0.1, "sample_steps": 25, "sample_guidance": 4.0, "save_dtype": "fp16",
+    },
 }
 
 
@@ -90,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--preset", required=True, choices=list(PRESETS), help="smoke: tiny models, seconds (what the tests run); "
-                     "full: the emoji teacher, ~90 min on 2 CPU cores. Flags showing [preset ...] take the preset's value unless given.")
+                     "full: the emoji teacher, ~90 min on 2 CPU cores; v2: the 128 px teacher (f=8 VAE), ~10 h on 1 CPU thread. "
+                     "Flags showing [preset ...] take the preset's value unless given.")
     run.add_argument("--output_dir", required=True, help="run folder: vae/, clip/, unet/ (one per phase), eval_tower/, final/")
     run.add_argument("--data", default=None, help="image-caption folder with train/ and val/ imagefolders (images + metadata.jsonl "
                      "with file_name and text), e.g. train/emoji_data.py's output. With --preset smoke and none given, a synthetic "
@@ -175,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.max_bad_fraction <= 1:
         parser.error(f"--max_bad_fraction must be between 0 and 1; got {args.max_bad_fraction}.")
     if args.data is None and args.preset != "smoke":
-        parser.error("--data is required with --preset full: the folder `python train/emoji_data.py --out data/emoji` writes.")
+        parser.error(f"--data is required with --preset {args.preset}: the folder `python train/emoji_data.py --out data/emoji` "
+                     "writes (64 px; for v2 add `--image_size 128` and write it to data/emoji128).")
     return args
 
 
@@ -235,6 +254,11 @@ def load_split(folder: Path, caption_column: str, resolution: int, max_bad_fract
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
+
+
+def latent_side(args) -> int:
+    """The U-Net's latent side: --resolution over the VAE's downsampling 2^(len(--vae_channels)-1)."""
+    return args.resolution // 2 ** (len(args.vae_channels) - 1)
 
 
 # --- phase plumbing ------------------------------------------------------------------------------
@@ -354,12 +378,12 @@ def train_vae(args, data) -> tuple[object, dict]:
         vae.train()
         common.save_image_grid([val, recon], phase.dir / "samples" / f"step-{step:07d}.png")
 
+    side = latent_side(args)
     batches = phase.batches(len(data["train_images"]), args.vae_batch_size)
     for step in range(phase.start + 1, args.vae_steps + 1):
         pixels = to_float(data["train_images"][next(batches)])
         gen = common.step_generator(args.seed, step)
-        latent_side = args.resolution // f
-        noise = torch.randn(len(pixels), 4, latent_side, latent_side, generator=gen)
+        noise = torch.randn(len(pixels), 4, side, side, generator=gen)
         loss, losses = vae_loss(vae, pixels, noise, args.kl_weight)
         clip_grad_and_step(phase, step, vae, optimizer, schedule, loss, losses)
         if phase.end_step(step, losses, schedule.get_last_lr()[0], len(pixels), sample_grid):
@@ -421,8 +445,17 @@ def retrieval_accuracy(model, tokenizer, images: torch.Tensor, captions: list[st
     return accuracy
 
 
+def text_encoder_of(model):
+    """The text tower of a CLIPModel as a standalone CLIPTextModel (the pipeline's text_encoder/)."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(model.config.text_config)
+    text_encoder.load_state_dict(model.text_model.state_dict(), strict=True)  # transformers 5: CLIPModel.text_model is a CLIPTextModel
+    return text_encoder
+
+
 def train_clip(args, data, tokenizer):
-    from transformers import CLIPModel, CLIPTextModel
+    from transformers import CLIPModel
 
     torch.manual_seed(args.seed)
     model = CLIPModel(clip_config(args, len(tokenizer))).train()
@@ -451,8 +484,7 @@ def train_clip(args, data, tokenizer):
             return None
     phase.finish(sample_grid)
     model.eval()
-    text_encoder = CLIPTextModel(model.config.text_config)
-    text_encoder.load_state_dict(model.text_model.state_dict(), strict=True)  # transformers 5: CLIPModel.text_model is a CLIPTextModel
+    text_encoder = text_encoder_of(model)
     info = {"val_top1": retrieval_accuracy(model, tokenizer, val_images, val_captions), "n_val": n_val}
     with common.atomic_dir(phase.dir / "final") as tmp:
         text_encoder.save_pretrained(tmp / "text_encoder")
@@ -526,8 +558,7 @@ def diffusion_loss(unet, x0: torch.Tensor, states: torch.Tensor, noise: torch.Te
 def train_unet(args, data, vae, text_encoder, tokenizer):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    f = 2 ** (len(args.vae_channels) - 1)
-    side = args.resolution // f
+    side = latent_side(args)
     cache = build_unet_cache(Path(args.output_dir) / "unet" / "cache.pt", vae, text_encoder, tokenizer, data,
                              unet_cache_key(Path(args.output_dir), data))
     sf = vae.config.scaling_factor
@@ -586,11 +617,23 @@ def final_scheduler():
     return DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2)
 
 
+def save_final_folder(dest: Path, text_encoder, unet, vae, eval_tower, tokenizer_dir, save_dtype: str) -> None:
+    """The final folder: the pipeline, plus the evaluation network in eval_tower/ (diffusers ignores it).
+    save_dtype applies to the U-Net, the VAE and eval_tower/. The text encoder stays fp32: diffusers
+    loads fp16 files as fp32 unless told otherwise, transformers keeps the stored dtype, and a fp16 text
+    encoder beside a fp32 U-Net breaks a plain `StableDiffusionPipeline.from_pretrained(folder)`."""
+    from sdxs.build import save_pipeline_folder
+
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[save_dtype]
+    components = {"scheduler": final_scheduler(), "text_encoder": text_encoder.float(), "unet": unet.to(dtype), "vae": vae.to(dtype)}
+    save_pipeline_folder(components, tokenizer_dir, dest)
+    eval_tower.to(dtype).save_pretrained(Path(dest) / "eval_tower")  # its tokenizer is the pipeline's tokenizer/
+
+
 def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-    from sdxs.build import save_pipeline_folder
     from sdxs.tokenizer import cached_clip_tokenizer_dir
 
     args = parse_args(argv)
@@ -639,16 +682,9 @@ def main(argv: list[str] | None = None) -> int:
         if unet is None:
             return 0
 
-    # The final folder: the pipeline, plus the evaluation network in eval_tower/ (diffusers ignores it).
-    # --save_dtype applies to the U-Net, the VAE and eval_tower/. The text encoder stays fp32: diffusers
-    # loads fp16 files as fp32 unless told otherwise, transformers keeps the stored dtype, and a fp16 text
-    # encoder beside a fp32 U-Net breaks a plain `StableDiffusionPipeline.from_pretrained(folder)`.
-    dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.save_dtype]
-    components = {"scheduler": final_scheduler(), "text_encoder": text_encoder.float(), "unet": unet.to(dtype), "vae": vae.to(dtype)}
-    eval_tower = CLIPModel.from_pretrained(output_dir / "eval_tower", torch_dtype=dtype)
+    eval_tower = CLIPModel.from_pretrained(output_dir / "eval_tower")
     with common.atomic_dir(output_dir / "final") as tmp:
-        save_pipeline_folder(components, tokenizer_dir, tmp)
-        eval_tower.save_pretrained(tmp / "eval_tower")  # its tokenizer is the pipeline's tokenizer/
+        save_final_folder(tmp, text_encoder, unet, vae, eval_tower, tokenizer_dir, args.save_dtype)
     print(f"Teacher pipeline saved to {output_dir / 'final'} (StableDiffusionPipeline.from_pretrained)", file=sys.stderr)
     return 0
 
