@@ -350,9 +350,10 @@ class SDXSEngine:
         self.geometry = model_geometry(components)  # before any conversion: fail early, on the configs
         self.device = device
         self.dtype = dtype
-        self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH.get(device.type, DEFAULT_MICRO_BATCH["cpu"])
-        if not isinstance(self.micro_batch, int) or self.micro_batch < 1:
-            raise ValueError(f"micro_batch must be a whole number of at least 1; got {micro_batch!r}.")
+        self.micro_batch = DEFAULT_MICRO_BATCH.get(device.type, DEFAULT_MICRO_BATCH["cpu"]) if micro_batch is None else micro_batch
+        for name, value in (("micro_batch", self.micro_batch), ("max_images", max_images)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number of at least 1; got {value!r}.")
         self.max_images = max_images
         self.update = one_step_update(components.scheduler_config)  # fails at start-up, not on the first request
         self.backend = resolve_backend(backend, device, dtype)

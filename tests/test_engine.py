@@ -206,8 +206,9 @@ def test_image_cap_is_a_parameter(tiny_engine):
     with pytest.raises(ValueError, match="from 1 to 2 in total"):
         capped.text_to_image(["a", "b"], num_images=2)
     assert len(capped.text_to_image(["a", "b"], num_images=1, width=64, height=64).images) == 2
-    with pytest.raises(ValueError, match="micro_batch"):
-        SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch", micro_batch=-1)
+    for bad in (dict(micro_batch=-1), dict(micro_batch=0), dict(micro_batch=2.5), dict(max_images=0)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a whole number"):
+            SDXSEngine(tiny_engine.torch_components, tiny_engine.device, tiny_engine.dtype, "torch", **bad)
 
 
 def test_prompt_cache_encodes_each_prompt_once_and_gives_the_same_image(tiny_engine):
