@@ -1,4 +1,5 @@
-"""Exact architectures of the released SDXS checkpoints, as data.
+"""Exact architectures of the released SDXS checkpoints and of the SDXL family (SDXL base, the
+paper's unreleased SDXS-1024), as data.
 
 Each dict holds the constructor kwargs of one component (diffusers or transformers), so the same
 class builds the real model (`from_pretrained`) and a random one (`from_config`) for tests and
@@ -29,6 +30,21 @@ OPENCLIP_H_TEXT = dict(
     max_position_embeddings=77,
     hidden_act="gelu",
     projection_dim=512,
+)
+
+# SDXL's second text encoder (text_encoder_2/): the OpenCLIP ViT-bigG/14 text tower with its
+# projection (transformers CLIPTextModelWithProjection), all 32 layers. 694,659,840 parameters, of
+# which 1,638,400 are the projection to the pooled embedding SDXL's U-Net reads through text_time.
+# SDXL's first text encoder (text_encoder/) is CLIP_L_TEXT as above (123,060,480).
+OPENCLIP_BIGG_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
 )
 
 # --- one-step U-Nets (diffusers UNet2DConditionModel) ----------------------------------------------
@@ -126,6 +142,65 @@ _SD_BETAS = dict(
 DEIS_SCHEDULER = ("DEISMultistepScheduler", dict(_SD_BETAS, timestep_spacing="linspace"))
 # 0.9 ships Euler with trailing spacing; "leading" would silently run at t=0.
 EULER_TRAILING_SCHEDULER = ("EulerDiscreteScheduler", dict(_SD_BETAS, timestep_spacing="trailing"))
+
+# --- the SDXL family: SDXL base (the teacher) and SDXS-1024 (the paper's student, never released) -------
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/: 2,567,463,684 parameters. Three stages like the
+# SDXS-512 students (no fourth, lowest-resolution stage, no transformers at the highest), but two resnets per
+# stage, transformers 2 and 10 layers deep, a mid block, and SDXL's micro-conditioning: the pooled
+# OpenCLIP-bigG embedding (1280) and six size/crop numbers (6 x 256) enter through "text_time"
+# (1280 + 1536 = 2816 inputs).
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,  # CLIP-L (768) and OpenCLIP-bigG (1280) hidden states, concatenated
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
+# SDXS-1024's U-Net. The paper gives its size (0.74 B) and that it comes from SDXL by block removal
+# and feature distillation, not the blocks; this removal is ours, stage B's SD-1.5 recipe
+# (train/distill_unet.py derive_student_config) carried over to SDXL. That recipe cuts four things:
+#   (1) the mid block, (2) one resnet per stage, with its transformer,
+#   (3) the lowest-resolution stage, (4) the transformers of the highest-resolution stage.
+# SDXL was designed with (3) and (4) already made: it has three stages and no transformers at 128x128
+# latents. Its weight sits in the transformer stacks instead: six Transformer2DModels of 10 layers at
+# 1280 channels (350.8 M each) are 82 % of the U-Net, and (1) + (2) alone leave 1.30 B. So:
+#   (1) no mid block (413.1 M: two resnets and a 10-layer transformer at 32x32),
+#   (2) one resnet per down stage, two per up stage (layers_per_block 2 -> 1; with each dropped
+#       resnet goes its transformer, as in SD-1.5),
+#   (5) half the layers of every kept transformer (transformer_layers_per_block (1, 2, 10) ->
+#       (1, 1, 5); the first one is unused, stage 0 has none): the layer-level removal that
+#       Segmind's SSD-1B/Vega and KOALA apply to SDXL.
+# Every student block is a teacher block with its first layers, so stage B copies each student weight
+# from the teacher (train/README.md, "SDXS-1024's U-Net"). 752,807,364 parameters (pinned by
+# tests/test_architectures_sdxl.py): 1.7 % over the paper's 0.74 B; Segmind-Vega, the public
+# block-removed SDXL U-Net, has 0.745 B (keeping depth 2 at 640 channels would give 0.78 B, KOALA-700M's size).
+SDXS_1024_REMOVAL = dict(mid_block_type=None, layers_per_block=1, transformer_layers_per_block=(1, 1, 5))
+SDXS_1024_UNET = dict(SDXL_UNET, **SDXS_1024_REMOVAL)
+
+# SDXL's AutoencoderKL (vae/ of the base model): SD's shape, its own weights and latent scale.
+# 83,653,863 parameters, 49,490,199 of them in the decoder (with post_quant_conv).
+SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+
+# A TAESD-shaped tiny decoder for SDXL's latent space, as madebyollin/taesdxl publishes it: the shape
+# and config of TAESD (scaling_factor 1.0: it reads the U-Net's latents as they are), other weights.
+TAESDXL = dict(TAESD)
+
+# SDXL base samples 25-50 Euler steps ("leading" spacing); the one-step student needs t = 999,
+# which Euler gives only with "trailing" spacing (see EULER_TRAILING_SCHEDULER).
+SDXL_EULER_SCHEDULER = ("EulerDiscreteScheduler", dict(_SD_BETAS, timestep_spacing="leading"))
 
 # --- tiny versions with the same structure, for tests, demos and bug reports ------------------------
 

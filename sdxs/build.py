@@ -19,7 +19,7 @@ def build_components(architecture: Architecture, *, seed: int = 0, empty: bool =
     """
     import diffusers
     from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     scheduler_class, scheduler_config = architecture.scheduler
@@ -27,9 +27,12 @@ def build_components(architecture: Architecture, *, seed: int = 0, empty: bool =
         components = {
             "text_encoder": CLIPTextModel(CLIPTextConfig(**architecture.text_encoder)),
             "unet": diffusers.UNet2DConditionModel(**architecture.unet),
-            "vae": diffusers.AutoencoderTiny(**architecture.vae),
-            "vae_large": diffusers.AutoencoderKL(**architecture.vae_large),
         }
+        if architecture.vae is not None:  # a teacher may have no tiny decoder
+            components["vae"] = diffusers.AutoencoderTiny(**architecture.vae)
+        components["vae_large"] = diffusers.AutoencoderKL(**architecture.vae_large)
+        if architecture.text_encoder_2 is not None:  # SDXL family
+            components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**architecture.text_encoder_2))
         if architecture.controlnet is not None:
             components["controlnet"] = diffusers.ControlNetModel(**architecture.controlnet)
     components["scheduler"] = getattr(diffusers, scheduler_class).from_config(scheduler_config)
@@ -40,23 +43,33 @@ def build_components(architecture: Architecture, *, seed: int = 0, empty: bool =
 
 
 def count_parameters(model_id: str) -> dict[str, int]:
-    """Parameter counts per component of a known model's exact architecture."""
+    """Parameter counts per component of a known model's exact architecture (built on the meta device).
+
+    vae_decoder/vae_encoder: the tiny decoder (AutoencoderTiny) and its encoder; vae_large: the whole
+    AutoencoderKL. one_step_total: what one image costs a one-step model: the text encoder(s), the
+    U-Net, the tiny decoder (and the ControlNet). A multi-step teacher (no tiny decoder) gets
+    `total`, every network of its pipeline, instead."""
     spec = get_spec(model_id)
     components = build_components(spec.architecture, empty=True)
 
     def n(module):
         return sum(p.numel() for p in module.parameters())
 
-    counts = {
-        "text_encoder": n(components["text_encoder"]),
-        "unet": n(components["unet"]),
-        "vae_decoder": n(components["vae"].decoder),
-        "vae_encoder": n(components["vae"].encoder),
-        "vae_large": n(components["vae_large"]),
-    }
+    counts = {"text_encoder": n(components["text_encoder"])}
+    if "text_encoder_2" in components:
+        counts["text_encoder_2"] = n(components["text_encoder_2"])
+    counts["unet"] = n(components["unet"])
+    if "vae" in components:
+        counts["vae_decoder"] = n(components["vae"].decoder)
+        counts["vae_encoder"] = n(components["vae"].encoder)
+    counts["vae_large"] = n(components["vae_large"])
     if spec.kind == "controlnet":
         counts["controlnet"] = n(components["controlnet"])
-    counts["one_step_total"] = counts["text_encoder"] + counts["unet"] + counts["vae_decoder"] + counts.get("controlnet", 0)
+    text_encoders = counts["text_encoder"] + counts.get("text_encoder_2", 0)
+    if spec.kind == "teacher":
+        counts["total"] = text_encoders + counts["unet"] + counts["vae_large"]
+    else:
+        counts["one_step_total"] = text_encoders + counts["unet"] + counts["vae_decoder"] + counts.get("controlnet", 0)
     return counts
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdxs.engine import BACKENDS
-from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, SKETCH_MODEL
+from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, REFERENCE_MODELS, SKETCH_MODEL, get_spec
 from sdxs.validation import MAX_SEED, clean_prompt, open_image, parse_count, parse_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -141,6 +141,8 @@ def cmd_arch(args) -> int:
     if args.json:
         print(json.dumps(counts, indent=2))
     else:
+        spec = get_spec(args.model)
+        print(f"{spec.title}: {spec.description}")
         for name, count in counts.items():
             print(f"{name:>14}: {count:>13,}")
     return 0
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     arch = sub.add_parser("arch", help="parameter counts of a known model's exact architecture (random weights, no download)")
-    arch.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {known}")
+    arch.add_argument("--model", default=DEFAULT_MODEL, help=f"one of: {known}; architecture only (no weights here to run): {', '.join(REFERENCE_MODELS)}")
     arch.add_argument("--json", action="store_true", help="print a JSON object")
     arch.set_defaults(func=cmd_arch)
 

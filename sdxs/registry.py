@@ -1,4 +1,4 @@
-"""The released SDXS checkpoints and what their one-step call needs."""
+"""The released SDXS checkpoints and what their one-step call needs; the SDXL family by architecture only."""
 
 from __future__ import annotations
 
@@ -16,21 +16,24 @@ ANIME_LORA = "IDKiro/sdxs-512-dreamshaper-anime"
 
 @dataclass(frozen=True)
 class Architecture:
-    """Constructor kwargs of every component of a one-step text-to-image model."""
+    """Constructor kwargs of every component of a text-to-image model (one-step unless its spec says
+    otherwise)."""
 
     text_encoder: dict
     unet: dict
     scheduler: tuple[str, dict]
-    vae: dict  # tiny decoder (AutoencoderTiny), vae/
-    vae_large: dict  # SD AutoencoderKL, vae_large/
+    vae: dict | None  # tiny decoder (AutoencoderTiny), vae/; None for a teacher that has none
+    vae_large: dict  # the AutoencoderKL: vae_large/ of the SDXS releases, vae/ of SD and SDXL base models
     controlnet: dict | None = None
+    text_encoder_2: dict | None = None  # SDXL family: OpenCLIP-bigG with projection (CLIPTextModelWithProjection)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
     title: str
-    kind: str  # "pipeline": a full diffusers folder; "lora": PEFT adapter; "controlnet": a ControlNet
+    kind: str  # "pipeline": a full diffusers folder; "lora": PEFT adapter; "controlnet": a ControlNet;
+    # "teacher": a multi-step base model (REFERENCE_MODELS only)
     description: str
     architecture: Architecture
     base: str | None = None  # the pipeline a LoRA or ControlNet attaches to
@@ -90,6 +93,53 @@ MODELS: dict[str, ModelSpec] = {
                 controlnet=arch.DREAMSHAPER_SKETCH_CONTROLNET,
             ),
             base="IDKiro/sdxs-512-dreamshaper",
+        ),
+    ]
+}
+
+# --- known by their exact architecture only ---------------------------------------------------------
+# `sdxs arch` counts them and tests build them with random weights, but they are no one-step models this
+# package loads: the engine, the apps, the bench and the training scripts' lists use MODELS, not these.
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXS_1024 = "sdxs-1024"
+
+REFERENCE_MODELS: dict[str, ModelSpec] = {
+    spec.id: spec
+    for spec in [
+        ModelSpec(
+            id=SDXL_BASE,
+            title="SDXL base 1.0",
+            kind="teacher",
+            description="SDXS-1024's teacher: a multi-step 1024x1024 model (25-50 steps with guidance), two text "
+                        "encoders (CLIP ViT-L, OpenCLIP ViT-bigG), no tiny decoder.",
+            architecture=Architecture(
+                text_encoder=arch.CLIP_L_TEXT,
+                text_encoder_2=arch.OPENCLIP_BIGG_TEXT,
+                unet=arch.SDXL_UNET,
+                scheduler=arch.SDXL_EULER_SCHEDULER,
+                vae=None,
+                vae_large=arch.SDXL_VAE,
+            ),
+            tags=("sdxl",),
+        ),
+        ModelSpec(
+            id=SDXS_1024,
+            title="SDXS-1024",
+            kind="pipeline",
+            description=f"The paper's one-step 1024x1024 model, distilled from {SDXL_BASE}: its weights and code were never "
+                        "released (upstream issue 2), so this is the architecture only: SDXL's text encoders, "
+                        "SDXL with blocks removed as the U-Net (our removal, 0.75 B; the paper: 0.74 B), a "
+                        "TAESD-shaped tiny decoder for SDXL's latents, SDXL's VAE as the large decoder.",
+            architecture=Architecture(
+                text_encoder=arch.CLIP_L_TEXT,
+                text_encoder_2=arch.OPENCLIP_BIGG_TEXT,
+                unet=arch.SDXS_1024_UNET,
+                scheduler=arch.EULER_TRAILING_SCHEDULER,  # ours (unreleased): one Euler step lands on t=999
+                vae=arch.TAESDXL,
+                vae_large=arch.SDXL_VAE,
+            ),
+            tags=("sdxl", "unreleased"),
         ),
     ]
 }
@@ -182,8 +232,9 @@ def builtin_model(name: str) -> BuiltinModel | None:
 
 
 def get_spec(model_id: str) -> ModelSpec:
-    try:
-        return MODELS[model_id]
-    except KeyError:
-        known = ", ".join(MODELS)
-        raise ValueError(f"Unknown model '{model_id}'. Known models: {known}.") from None
+    """The spec of a released model (MODELS) or of an architecture-only one (REFERENCE_MODELS)."""
+    spec = MODELS.get(model_id) or REFERENCE_MODELS.get(model_id)
+    if spec is None:
+        known = ", ".join([*MODELS, *REFERENCE_MODELS])
+        raise ValueError(f"Unknown model '{model_id}'. Known models: {known}.")
+    return spec
