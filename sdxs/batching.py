@@ -132,22 +132,26 @@ class RequestBatcher:
         return batch, False
 
     def _run(self, group: list[_Request]) -> None:
-        """One engine call for a group of compatible requests; each gets its slice of the images."""
+        """One engine call for a group of compatible requests; each gets its slice of the images.
+        Any failure reaches every request of the group that has no answer yet; the worker lives on."""
+        try:
+            self._answer(group)
+        except BaseException as err:  # noqa: BLE001
+            log.exception("batched generation failed")
+            for request in group:
+                if not request.done.is_set():
+                    request.error = err
+                    request.done.set()
+
+    def _answer(self, group: list[_Request]) -> None:
         first = group[0]
         prompts = [p for request in group for p in request.prompts]
         seeds = [s for request in group for s in request.seeds]
         control = None
         if first.control is not None:
             control = torch.cat([request.control.expand(len(request.prompts), -1, -1, -1) for request in group])
-        try:
-            with torch.inference_mode():
-                result = self.engine._generate(prompts, seeds, first.decoder, first.width, first.height, control, first.control_strength)
-        except BaseException as err:  # noqa: BLE001 - every waiting request gets the error; the worker lives on
-            log.exception("batched generation failed")
-            for request in group:
-                request.error = err
-                request.done.set()
-            return
+        with torch.inference_mode():
+            result = self.engine._generate(prompts, seeds, first.decoder, first.width, first.height, control, first.control_strength)
         self.forwards += 1
         start = 0
         for request in group:
