@@ -11,10 +11,13 @@ Resume a killed run: the same command plus `--resume latest`.
 
 What it does:
 1. Student architecture (derive_student_config), the SDXS recipe applied to an SD-1.x/SD-2.x-style
-   teacher config (others, e.g. SDXL, are refused up front: check_teacher_unet): drop the mid block,
+   teacher config (others are refused up front: check_teacher_unet): drop the mid block,
    the last down stage and the first up stage, the transformers of the highest-resolution stage, and
    one resnet per stage. SD-1.5 gives exactly the SDXS-512-DreamShaper
-   U-Net (315,746,244 parameters), SD-2.1-base 318.7 M (paper Table 3: 319 M).
+   U-Net (315,746,244 parameters), SD-2.1-base 318.7 M (paper Table 3: 319 M). SDXL-style teachers
+   (text_time) keep every stage: no mid block, one resnet fewer per stage, the first half of every kept
+   transformer's layers; SDXL base gives exactly SDXS-1024's U-Net (752,807,364). The recipe and kd_step
+   handle SDXL; main() refuses it up front for now (its data path is SD-only: check_runnable_teacher).
 2. Student weights (init_student_from_teacher): every kept block is copied from the teacher with an
    explicit mapping (block_map), BK-SDM style: student down stage i <- teacher down stage i, keeping
    its first resnets/transformers; student up stage j <- teacher up stage j+1, dropping the
@@ -84,33 +87,60 @@ _PER_STAGE = ("block_out_channels", "down_block_types", "layers_per_block", "att
 
 SUPPORTED_TEACHERS = (
     "an SD-1.x/SD-2.x-style UNet2DConditionModel (e.g. SD-1.5 / DreamShaper-8, SD-2.1-base): at least 3 down stages of "
-    "CrossAttnDownBlock2D/DownBlock2D and as many up stages of CrossAttnUpBlock2D/UpBlock2D, one transformer layer per attention block, and no class or added (e.g. SDXL's text_time) embeddings. "
-    "SDXL-style teachers (SDXS-1024) are not supported yet")
+    "CrossAttnDownBlock2D/DownBlock2D and as many up stages of CrossAttnUpBlock2D/UpBlock2D, one transformer layer per attention block, and no class or added (e.g. SDXL's text_time) embeddings; "
+    "or an SDXL-style one (SDXL base -> SDXS-1024): the same block types, addition_embed_type 'text_time', one transformer depth per stage "
+    "(transformer_layers_per_block, e.g. [1, 2, 10]) and no class embeddings")
 _DOWN_BLOCKS, _UP_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
 _EXTRA_EMBEDDINGS = ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim_type")
 
 
+def is_sdxl_teacher(teacher_config: dict) -> bool:
+    """An SDXL-style teacher: SDXL's micro-conditioning (pooled text embedding + size/crop ids) enters the
+    U-Net through addition_embed_type "text_time"; its recipe is the SDXL branch (no stage removed)."""
+    return dict(teacher_config).get("addition_embed_type") == "text_time"
+
+
 def unsupported_teacher_features(teacher_config: dict) -> list[str]:
-    """What in a teacher U-Net config the recipe does not handle (empty for SD-1.x/SD-2.x-style configs):
-    the block mapping, the feature pairs and the weight copy assume exactly SUPPORTED_TEACHERS."""
+    """What in a teacher U-Net config the recipe does not handle (empty for SD-1.x/SD-2.x-style and
+    SDXL-style configs): the block mapping, the feature pairs and the weight copy assume exactly SUPPORTED_TEACHERS."""
     config = dict(teacher_config)
     problems = []
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         problems.append(f"_class_name {config['_class_name']}")
     down, up = list(config.get("down_block_types") or ()), list(config.get("up_block_types") or ())
-    if len(down) < 3 or len(up) != len(down):
+    if len(down) < (2 if is_sdxl_teacher(config) else 3) or len(up) != len(down):
         problems.append(f"{len(down)} down and {len(up)} up stages")
     others = [b for b in down if b not in _DOWN_BLOCKS] + [b for b in up if b not in _UP_BLOCKS]
     if others:
         problems.append(f"block types {', '.join(dict.fromkeys(others))}")
+    if down and min(_per_stage(config.get("layers_per_block", 2), len(down))) < 1:
+        problems.append(f"layers_per_block {config.get('layers_per_block')}")
+    return problems + (_unsupported_sdxl_features(config) if is_sdxl_teacher(config) else _unsupported_sd_features(config))
+
+
+def _unsupported_sd_features(config: dict) -> list[str]:
+    problems = []
     for key in ("transformer_layers_per_block", "reverse_transformer_layers_per_block"):
         value = config.get(key)
         if value is not None and any(n != 1 for n in _flat(value)):
             problems.append(f"{key} {list(value) if isinstance(value, tuple) else value}")
-    if down and min(_per_stage(config.get("layers_per_block", 2), len(down))) < 1:
-        problems.append(f"layers_per_block {config.get('layers_per_block')}")
-    problems += [f"{key} {config[key]!r}" for key in _EXTRA_EMBEDDINGS if config.get(key) is not None]
-    return problems
+    return problems + [f"{key} {config[key]!r}" for key in _EXTRA_EMBEDDINGS if config.get(key) is not None]
+
+
+def _unsupported_sdxl_features(config: dict) -> list[str]:
+    """The SDXL branch halves one transformer depth per stage: per-layer depths (nested lists, with
+    reverse_transformer_layers_per_block) have no such rule; other added embeddings are not SDXL's."""
+    problems = []
+    depths = config.get("transformer_layers_per_block", 1)
+    if any(isinstance(d, (list, tuple)) for d in _as_list(depths)) or min(_flat(depths)) < 1:
+        problems.append(f"transformer_layers_per_block {list(depths) if isinstance(depths, tuple) else depths} (one depth >= 1 per stage expected)")
+    if config.get("reverse_transformer_layers_per_block") is not None:
+        problems.append(f"reverse_transformer_layers_per_block {config['reverse_transformer_layers_per_block']}")
+    return problems + [f"{key} {config[key]!r}" for key in _EXTRA_EMBEDDINGS if key != "addition_embed_type" and config.get(key) is not None]
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def check_teacher_unet(teacher_config: dict, teacher: str = "the teacher") -> None:
@@ -119,6 +149,18 @@ def check_teacher_unet(teacher_config: dict, teacher: str = "the teacher") -> No
     if problems:
         raise SystemExit(f"error: {teacher}'s U-Net is not one stage B's block-removal recipe supports: it has "
                          f"{'; '.join(problems)}. Supported: {SUPPORTED_TEACHERS}.")
+
+
+def check_runnable_teacher(teacher_config: dict, teacher: str = "the teacher") -> None:
+    """What main() can train today: the recipe's teachers (check_teacher_unet) minus SDXL-style ones, whose
+    recipe and KD step exist but whose data path (two text encoders in the latent cache, SDXL sampling for
+    the cache and the sample grids) is not built yet; refused up front, before anything is loaded."""
+    check_teacher_unet(teacher_config, teacher)
+    if is_sdxl_teacher(teacher_config):
+        raise SystemExit(f"error: {teacher} is an SDXL-style teacher (addition_embed_type 'text_time'). Stage B's recipe handles it "
+                         "(derive_student_config gives SDXS-1024's U-Net, kd_step takes SDXL's added conditioning), but this "
+                         "training run does not yet: its latent cache, text encoding and sample grids use one text encoder and "
+                         "SD conditioning. Use an SD-1.x/SD-2.x teacher for now (train/README.md, \"SDXS-1024's U-Net\").")
 
 
 def _flat(value) -> list:
@@ -132,6 +174,8 @@ def derive_student_config(teacher_config: dict) -> dict:
     teacher's single-resnet stages keep theirs). Refuses unsupported teachers (check_teacher_unet)."""
     check_teacher_unet(teacher_config)
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    if is_sdxl_teacher(config):
+        return _derive_sdxl_student_config(config)
     n = len(config["down_block_types"])
     for key in _PER_STAGE:
         if isinstance(config.get(key), (list, tuple)):
@@ -148,6 +192,25 @@ def derive_student_config(teacher_config: dict) -> dict:
     return config
 
 
+def _derive_sdxl_student_config(config: dict) -> dict:
+    """The SDXL branch (sdxs/architectures.py SDXS_1024_REMOVAL, train/README.md "SDXS-1024's U-Net"):
+    SDXL has no lowest-resolution stage to drop and no transformers at the highest, so every stage stays;
+    (1) no mid block, (2) one resnet (and its transformer) fewer per stage, never none, (5) every kept
+    transformer keeps its first half of layers (depth // 2, never none). SDXL base gives SDXS_1024_UNET."""
+    layers, depths = config.get("layers_per_block", 2), config.get("transformer_layers_per_block", 1)
+    return dict(
+        config,
+        mid_block_type=None,
+        layers_per_block=tuple(_kept_resnets(k) for k in layers) if isinstance(layers, (list, tuple)) else _kept_resnets(layers),
+        transformer_layers_per_block=tuple(_kept_layers(d) for d in depths) if isinstance(depths, (list, tuple)) else _kept_layers(depths),
+    )
+
+
+def _kept_layers(teacher_depth: int) -> int:
+    """Transformer layers an SDXL student block keeps: the first half (SSD-1B/Vega/KOALA-style), never none."""
+    return max(teacher_depth // 2, 1)
+
+
 def _per_stage(value, n: int) -> list[int]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
@@ -157,41 +220,52 @@ def _kept_resnets(teacher_resnets: int) -> int:
     return max(teacher_resnets - 1, 1)
 
 
+def _kept_stages(teacher_config: dict) -> tuple[int, int]:
+    """(student stages, up offset): SD-style teachers lose their lowest-resolution stage, so the student's
+    up stage j is the teacher's j + 1; SDXL-style teachers keep all their stages under the same names."""
+    n = len(teacher_config["down_block_types"])
+    return (n, 0) if is_sdxl_teacher(teacher_config) else (n - 1, 1)
+
+
 def block_map(teacher_config: dict) -> dict[str, str]:
     """Student module -> teacher module, for every block the student keeps (n = teacher stages, L_i its
     resnets per down stage i, K_i = max(L_i - 1, 1) the student's; an up stage has one resnet more than
-    its down stage):
+    its down stage; s = the student's stages and o = the up offset, (n - 1, 1) for SD, (n, 0) for SDXL):
       down_blocks.i.{resnets,attentions}.k  <- teacher down_blocks.i.{..}.k       for k < K_i
-      down_blocks.i.downsamplers.0          <- teacher down_blocks.i.downsamplers.0   (i < n - 2)
-      up_blocks.j.{resnets,attentions}.k    <- teacher up_blocks.(j+1).{..}.k      for k < K
-      up_blocks.j.{resnets,attentions}.K    <- teacher up_blocks.(j+1).{..}.L      (skip from the stage below)
-      up_blocks.j.upsamplers.0              <- teacher up_blocks.(j+1).upsamplers.0   (j < n - 2)
-    Modules outside the blocks (conv_in, time_embedding, conv_norm_out, conv_out, ...) keep their names."""
+      down_blocks.i.downsamplers.0          <- teacher down_blocks.i.downsamplers.0   (i < s - 1)
+      up_blocks.j.{resnets,attentions}.k    <- teacher up_blocks.(j+o).{..}.k      for k < K
+      up_blocks.j.{resnets,attentions}.K    <- teacher up_blocks.(j+o).{..}.L      (skip from the stage below)
+      up_blocks.j.upsamplers.0              <- teacher up_blocks.(j+o).upsamplers.0   (j < s - 1)
+    Modules outside the blocks (conv_in, time_embedding, add_embedding, conv_norm_out, conv_out, ...) keep
+    their names, and so do the first layers of a kept transformer (SDXL: attentions.k.transformer_blocks.l)."""
     n = len(teacher_config["down_block_types"])
     layers = _per_stage(teacher_config.get("layers_per_block", 2), n)
     student = derive_student_config(teacher_config)
+    stages, offset = _kept_stages(teacher_config)
     mapping = {}
-    for i in range(n - 1):
+    for i in range(stages):
         kinds = ["resnets", "attentions"] if "CrossAttn" in student["down_block_types"][i] else ["resnets"]
         for kind in kinds:
             for k in range(_kept_resnets(layers[i])):
                 mapping[f"down_blocks.{i}.{kind}.{k}"] = f"down_blocks.{i}.{kind}.{k}"
-        if i < n - 2:
+        if i < stages - 1:
             mapping[f"down_blocks.{i}.downsamplers.0"] = f"down_blocks.{i}.downsamplers.0"
-    for j in range(n - 1):
-        teacher_resnets = layers[n - 2 - j]  # the teacher's up block j + 1 has this + 1 resnets
+    for j in range(stages):
+        teacher_resnets = layers[n - 1 - offset - j]  # the teacher's up block j + offset has this + 1 resnets
         kept = _kept_resnets(teacher_resnets)  # the student's up block j has kept + 1
         kinds = ["resnets", "attentions"] if "CrossAttn" in student["up_block_types"][j] else ["resnets"]
         for kind in kinds:
             for k in range(kept + 1):
-                mapping[f"up_blocks.{j}.{kind}.{k}"] = f"up_blocks.{j + 1}.{kind}.{k if k < kept else teacher_resnets}"
-        if j < n - 2:
-            mapping[f"up_blocks.{j}.upsamplers.0"] = f"up_blocks.{j + 1}.upsamplers.0"
+                mapping[f"up_blocks.{j}.{kind}.{k}"] = f"up_blocks.{j + offset}.{kind}.{k if k < kept else teacher_resnets}"
+        if j < stages - 1:
+            mapping[f"up_blocks.{j}.upsamplers.0"] = f"up_blocks.{j + offset}.upsamplers.0"
     return mapping
 
 
 def removed_prefixes(teacher_config: dict) -> list[str]:
     """Teacher modules the recipe removes, by name prefix: what must NOT be copied."""
+    if is_sdxl_teacher(teacher_config):
+        return _removed_sdxl_prefixes(teacher_config)
     n = len(teacher_config["down_block_types"])
     layers = _per_stage(teacher_config.get("layers_per_block", 2), n)
     removed = ["mid_block.", f"down_blocks.{n - 1}.", "up_blocks.0.", f"down_blocks.{n - 2}.downsamplers.",
@@ -202,6 +276,25 @@ def removed_prefixes(teacher_config: dict) -> list[str]:
         m = layers[n - 2 - i]
         if m > 1:
             removed += [f"up_blocks.{i + 1}.resnets.{m - 1}.", f"up_blocks.{i + 1}.attentions.{m - 1}."]
+    return removed
+
+
+def _removed_sdxl_prefixes(teacher_config: dict) -> list[str]:
+    """SDXL branch: the mid block, each stage's second-to-last resnet/transformer (down: the last; up: the
+    middle one, as for SD), and the second half of the layers of every transformer the student keeps."""
+    n = len(teacher_config["down_block_types"])
+    layers = _per_stage(teacher_config.get("layers_per_block", 2), n)
+    depths = _per_stage(teacher_config.get("transformer_layers_per_block", 1), n)  # in down-stage order
+    removed = ["mid_block."]
+    for i in range(n):
+        if layers[i] > 1:  # a single-resnet stage keeps its resnet (_kept_resnets)
+            removed += [f"down_blocks.{i}.resnets.{layers[i] - 1}.", f"down_blocks.{i}.attentions.{layers[i] - 1}.",
+                        f"up_blocks.{n - 1 - i}.resnets.{layers[i] - 1}.", f"up_blocks.{n - 1 - i}.attentions.{layers[i] - 1}."]
+    for teacher_block in block_map(teacher_config).values():
+        stage_kind, stage, kind = teacher_block.split(".")[:3]
+        if kind == "attentions":
+            depth = depths[int(stage) if stage_kind == "down_blocks" else n - 1 - int(stage)]
+            removed += [f"{teacher_block}.transformer_blocks.{layer}." for layer in range(_kept_layers(depth), depth)]
     return removed
 
 
@@ -262,8 +355,11 @@ def feature_pairs(teacher_config: dict) -> list[tuple[str, str, str]]:
     """(student block, teacher block, what to read from the teacher block) for feature KD: every down and
     up block of the student. A block's output is its hidden state; the student's last down stage has no
     downsampler while its teacher stage has one, so there the teacher's state BEFORE its downsampler is
-    read ("pre_downsample") to match resolution and meaning."""
+    read ("pre_downsample") to match resolution and meaning (SD-style teachers; an SDXL-style teacher keeps
+    every stage, so its pairs are the blocks of the same names)."""
     n = len(teacher_config["down_block_types"])
+    if is_sdxl_teacher(teacher_config):  # every stage kept under its name; the last has no downsampler in either U-Net
+        return [(f"{kind}.{i}", f"{kind}.{i}", "out") for kind in ("down_blocks", "up_blocks") for i in range(n)]
     pairs = [(f"down_blocks.{i}", f"down_blocks.{i}", "pre_downsample" if i == n - 2 else "out") for i in range(n - 1)]
     return pairs + [(f"up_blocks.{j}", f"up_blocks.{j + 1}", "out") for j in range(n - 1)]
 
@@ -332,14 +428,41 @@ def kd_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tokenizer, 
     return (x_t, t, states, noise) if return_noise else (x_t, t, states)
 
 
+@torch.no_grad()
+def encode_sdxl_prompts(tokenizers, text_encoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text conditions as SDXL conditions on them (diffusers' StableDiffusionXLPipeline.encode_prompt):
+    each encoder's penultimate hidden state over the padded 77 tokens, concatenated (768 + 1280 = 2048 for
+    CLIP-L + OpenCLIP-bigG), and the pooled, projected embedding of the last encoder
+    (CLIPTextModelWithProjection's text_embeds). Returns (states, pooled)."""
+    states, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's: its projected pooled embedding
+    if pooled is None or pooled.ndim != 2:
+        raise ValueError("the last SDXL text encoder must return a pooled embedding (a CLIPTextModelWithProjection, text_encoder_2/)")
+    return torch.cat(states, dim=-1), pooled
+
+
+def sdxl_added_cond(pooled: torch.Tensor, original_size: tuple[int, int], target_size: tuple[int, int],
+                    crop_top_left: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning for the text_time added embedding, as the SDXL pipeline builds it:
+    text_embeds = the pooled embedding, time_ids = (original h, w, crop top, left, target h, w) per sample."""
+    time_ids = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=pooled.dtype, device=pooled.device)
+    return {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)}
+
+
 def kd_step(student, teacher_unet, hooks: FeatureHooks, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, *,
-            lambda_feat: float) -> dict[str, torch.Tensor]:
+            lambda_feat: float, added_cond: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The KD loss on one micro-batch, Eq. 8: L_KD = L_OKD + lambda_F * L_FKD, and no denoising (task) loss.
-    Teacher and student see the same x_t, t and text states; the teacher runs without gradients."""
+    Teacher and student see the same x_t, t and text states (and, for an SDXL-style pair, the same
+    `added_cond`: text_embeds and time_ids, sdxl_added_cond); the teacher runs without gradients."""
+    extra = {} if added_cond is None else {"added_cond_kwargs": added_cond}
     with torch.no_grad(), hooks.teacher.capture():
-        teacher_eps = teacher_unet(x_t.to(teacher_unet.dtype), t, encoder_hidden_states=states).sample
+        teacher_eps = teacher_unet(x_t.to(teacher_unet.dtype), t, encoder_hidden_states=states, **extra).sample
     with hooks.student.capture():
-        student_eps = student(x_t, t, encoder_hidden_states=states).sample
+        student_eps = student(x_t, t, encoder_hidden_states=states, **extra).sample
     loss_out = output_kd_loss(student_eps, teacher_eps)  # Eq. 6
     loss_feat = feature_kd_loss(hooks.student.features, hooks.teacher.features, hooks.pairs)  # Eq. 7
     return {"loss": loss_out + lambda_feat * loss_feat, "loss_out": loss_out, "loss_feat": loss_feat}  # Eq. 8
@@ -383,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
     teacher_root = common.resolve_model(teacher_id, "--teacher", subfolders_with_weights=("unet", "text_encoder", "vae"))
     if (teacher_root / "unet" / "config.json").is_file():  # refuse an unsupported U-Net before loading it
-        check_teacher_unet(json.loads((teacher_root / "unet" / "config.json").read_text()), f"Teacher '{teacher_id}'")
+        check_runnable_teacher(json.loads((teacher_root / "unet" / "config.json").read_text()), f"Teacher '{teacher_id}'")
     teacher = common.load_teacher(teacher_id, device, torch.float32)  # fp32 first: the student copies exact weights
     student, plan = init_student_from_teacher(teacher.unet)
     if main_process:
