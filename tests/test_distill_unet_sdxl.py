@@ -71,6 +71,7 @@ def test_sdxl_shaped_teachers_pass_the_check_and_what_the_branch_cannot_handle_i
         stage.check_teacher_unet(config)
     for change, named in [
         (dict(transformer_layers_per_block=((1, 1), (2, 2), (4, 4))), "one depth >= 1 per stage expected"),
+        (dict(transformer_layers_per_block=(0, 2, 4)), "one depth >= 1 per stage expected"),
         (dict(reverse_transformer_layers_per_block=((4, 4, 4), (2, 2, 2), (1, 1, 1))), "reverse_transformer_layers_per_block"),
         (dict(class_embed_type="timestep"), "class_embed_type 'timestep'"),
         (dict(up_block_types=SDXL_UNET["up_block_types"][1:]), "3 down and 2 up stages"),

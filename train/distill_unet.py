@@ -132,7 +132,7 @@ def _unsupported_sdxl_features(config: dict) -> list[str]:
     reverse_transformer_layers_per_block) have no such rule; other added embeddings are not SDXL's."""
     problems = []
     depths = config.get("transformer_layers_per_block", 1)
-    if any(isinstance(d, (list, tuple)) for d in _as_list(depths)) or min(_flat(depths)) < 1:
+    if any(isinstance(d, (list, tuple)) for d in _as_list(depths)) or min(_flat(depths), default=0) < 1:
         problems.append(f"transformer_layers_per_block {list(depths) if isinstance(depths, tuple) else depths} (one depth >= 1 per stage expected)")
     if config.get("reverse_transformer_layers_per_block") is not None:
         problems.append(f"reverse_transformer_layers_per_block {config['reverse_transformer_layers_per_block']}")
