@@ -4,6 +4,8 @@ names (paper scale on the meta device, and real weights on a tiny SDXL-shaped te
 pairs, the checks, SDXL's two-encoder text conditioning and micro-conditioning, and kd_step on tiny
 SDXL U-Nets (the same added conditions for both; a loss that falls)."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from test_distill_unet import TINY_SDXL_UNET, meta_unet, n_params, normalised, p
 from train_helpers import one_torch_thread  # noqa: F401
 
 from sdxs.architectures import SDXL_UNET, SDXS_1024_UNET
+from train import common
 from train import distill_unet as stage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture imported from train_helpers
@@ -185,3 +188,26 @@ def test_a_few_sdxl_kd_steps_move_the_student_toward_the_teacher():
     for name in ("loss_out", "loss_feat"):
         assert values[-1][name] < 0.8 * values[0][name], [v[name] for v in values]
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_sdxl_kd_inputs_share_kd_inputs_draws_and_drop_text_and_pooled_together():
+    from diffusers import DDPMScheduler
+
+    tokenizers, encoders = tiny_sdxl_text()
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    batch = {"latents": torch.randn(200, 4, 8, 8, generator=torch.Generator().manual_seed(3)), "prompt": ["a photo of a cat"] * 200}
+    x_t, t, states, cond = stage.sdxl_kd_inputs(batch, torch.Generator().manual_seed(0), noise_scheduler=scheduler, tokenizers=tokenizers,
+                                                text_encoders=encoders, caption_dropout=0.3, resolution=64, device=torch.device("cpu"))
+    sd_x_t, sd_t, sd_states = stage.kd_inputs(batch, torch.Generator().manual_seed(0), noise_scheduler=scheduler, tokenizer=tokenizers[0],
+                                              text_encoder=encoders[0], caption_dropout=0.3, device=torch.device("cpu"))
+    assert torch.equal(x_t, sd_x_t) and torch.equal(t, sd_t)  # the SD path's noise, timesteps and caption dropout
+    (uncond, cond_states), (uncond_pooled, cond_pooled) = (pair.unbind(0) for pair in stage.encode_sdxl_prompts(tokenizers, encoders, ["", "a photo of a cat"]))
+    close = partial(torch.allclose, atol=1e-5)  # a batch of 200 and one of 2 may round differently
+    dropped = [close(s, uncond) for s in states]
+    assert all(d or close(s, cond_states) for s, d in zip(states, dropped)) and 0.2 < sum(dropped) / 200 < 0.4
+    sd_uncond = common.encode_prompts(tokenizers[0], encoders[0], [""])[0]
+    assert dropped == [close(s, sd_uncond) for s in sd_states]  # the same captions dropped as the SD path
+    assert all(close(p, uncond_pooled if d else cond_pooled) for p, d in zip(cond["text_embeds"], dropped))  # text and pooled together
+    assert not close(uncond_pooled, cond_pooled)
+    assert torch.equal(cond["time_ids"], torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(200, -1))
+

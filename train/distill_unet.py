@@ -418,14 +418,30 @@ def kd_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tokenizer, 
     [0, T), z0 the cached teacher latents; and the captions' text states, each caption replaced by the empty
     prompt with probability `caption_dropout`. Draws come from `gen` (seeded per step). Returns (x_t, t, states),
     and eps last with `return_noise` (a denoising loss needs it: stage D's teacher ControlNet)."""
+    x_t, t, prompts, noise = _noised_latents_and_prompts(batch, gen, noise_scheduler, caption_dropout, device)
+    states = common.encode_prompts(tokenizer, text_encoder, prompts)
+    return (x_t, t, states, noise) if return_noise else (x_t, t, states)
+
+
+def sdxl_kd_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tokenizers, text_encoders, caption_dropout: float,
+                   resolution: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """kd_inputs for an SDXL-style teacher: the same draws (x_t, t, caption dropout), the text states of both
+    encoders (encode_sdxl_prompts) and the added conditions of a resolution x resolution image, uncropped
+    (sdxl_added_cond: the cached latents are whole teacher images at that size). Returns (x_t, t, states, added_cond)."""
+    x_t, t, prompts, _ = _noised_latents_and_prompts(batch, gen, noise_scheduler, caption_dropout, device)
+    states, pooled = encode_sdxl_prompts(tokenizers, text_encoders, prompts)
+    return x_t, t, states, sdxl_added_cond(pooled, (resolution, resolution), (resolution, resolution))
+
+
+def _noised_latents_and_prompts(batch: dict, gen: torch.Generator, noise_scheduler, caption_dropout: float, device: torch.device):
+    """(x_t, t, prompts after caption dropout, eps), drawn from `gen` in a fixed order."""
     z0 = batch["latents"].to(device)
     drop = torch.rand(len(z0), generator=gen) < caption_dropout
     prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
     noise = torch.randn(z0.shape, generator=gen).to(device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=gen).to(device)  # uniform t
     x_t = noise_scheduler.add_noise(z0, noise, t)
-    states = common.encode_prompts(tokenizer, text_encoder, prompts)
-    return (x_t, t, states, noise) if return_noise else (x_t, t, states)
+    return x_t, t, prompts, noise
 
 
 @torch.no_grad()
