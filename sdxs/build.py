@@ -9,7 +9,39 @@ from pathlib import Path
 
 import torch
 
+from sdxs import architectures as arch
 from sdxs.registry import TINY, Architecture, get_spec
+
+FAMILIES = ("sd", "sdxl")
+
+# A tiny SDXS-1024-shaped model (make-tiny --family sdxl): the student U-Net's structure (no mid block,
+# one resnet per down stage, text_time micro-conditioning) at toy widths, two text encoders of
+# different widths (as CLIP-L 768 and OpenCLIP-bigG 1280 differ: a swapped order changes every
+# value), a projection width of its own, the one-step Euler (trailing) scheduler, a TAESDXL-shaped
+# vae/ and an AutoencoderKL vae_large/ with SDXL's latent scale. 16x16 latents: 128x128 images.
+_TINY_SDXL_TEXT = dict(arch.TINY_TEXT, hidden_size=32, num_hidden_layers=3)
+_TINY_SDXL_TEXT_2 = dict(arch.OPENCLIP_BIGG_TEXT, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, projection_dim=40)
+_TINY_TIME_EMBED_DIM = 8
+TINY_SDXL = Architecture(
+    text_encoder=_TINY_SDXL_TEXT,
+    text_encoder_2=_TINY_SDXL_TEXT_2,
+    unet=dict(
+        arch.SDXS_1024_UNET,
+        sample_size=16,
+        block_out_channels=(16, 32, 32),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=_TINY_SDXL_TEXT["hidden_size"] + _TINY_SDXL_TEXT_2["hidden_size"],
+        addition_time_embed_dim=_TINY_TIME_EMBED_DIM,
+        # the pooled embedding and six size/crop numbers, each embedded in addition_time_embed_dim
+        projection_class_embeddings_input_dim=_TINY_SDXL_TEXT_2["projection_dim"] + 6 * _TINY_TIME_EMBED_DIM,
+        norm_num_groups=8,
+    ),
+    scheduler=arch.EULER_TRAILING_SCHEDULER,
+    vae=arch.TINY_TAESD,  # TAESDXL has TAESD's shape and config
+    vae_large=dict(arch.TINY_SD_VAE, scaling_factor=arch.SDXL_VAE["scaling_factor"], force_upcast=True, sample_size=128),
+)
 
 
 def build_components(architecture: Architecture, *, seed: int = 0, empty: bool = False) -> dict:
@@ -76,12 +108,32 @@ def count_parameters(model_id: str) -> dict[str, int]:
 def save_pipeline_folder(components: dict, tokenizer_dir: str | Path, dest: str | Path) -> Path:
     """Save components in the folder layout of the released checkpoints: model_index.json,
     scheduler/, text_encoder/, tokenizer/, unet/, vae/ (tiny), vae_large/, and controlnet/ when
-    there is one. model_index.json is what StableDiffusionPipeline.from_pretrained reads."""
+    there is one. model_index.json is what StableDiffusionPipeline.from_pretrained reads (with a
+    text_encoder_2: StableDiffusionXLPipeline, which also reads text_encoder_2/ and tokenizer_2/)."""
     import diffusers
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    index = {
+    if "text_encoder_2" in components:
+        index = _sdxl_model_index(components)
+    else:
+        index = _sd_model_index(components)
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for name in ["scheduler", "unet", "vae", "vae_large", "controlnet"]:
+        if name in components:
+            components[name].save_pretrained(dest / name)
+    save_text_encoder(components["text_encoder"], dest / "text_encoder")
+    shutil.copytree(tokenizer_dir, dest / "tokenizer")
+    if "text_encoder_2" in components:
+        save_text_encoder(components["text_encoder_2"], dest / "text_encoder_2")
+        write_sdxl_tokenizer_2(tokenizer_dir, dest / "tokenizer_2")
+    return dest
+
+
+def _sd_model_index(components: dict) -> dict:
+    import diffusers
+
+    return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
@@ -93,12 +145,37 @@ def save_pipeline_folder(components: dict, tokenizer_dir: str | Path, dest: str 
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", type(components["vae"]).__name__],
     }
-    (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for name in ["scheduler", "unet", "vae", "vae_large", "controlnet"]:
-        if name in components:
-            components[name].save_pretrained(dest / name)
-    save_text_encoder(components["text_encoder"], dest / "text_encoder")
-    shutil.copytree(tokenizer_dir, dest / "tokenizer")
+
+
+def _sdxl_model_index(components: dict) -> dict:
+    """model_index.json as StableDiffusionXLPipeline.save_pretrained writes it."""
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", type(components["scheduler"]).__name__],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", type(components["vae"]).__name__],
+    }
+
+
+def write_sdxl_tokenizer_2(tokenizer_dir: str | Path, dest: str | Path) -> Path:
+    """SDXL's tokenizer_2/: the same CLIP BPE vocabulary as tokenizer/, but it pads with "!" (id 0),
+    as OpenCLIP does, where tokenizer/ pads with <|endoftext|>. The pooled embedding is read at the
+    end-of-text token, so the padding token matters."""
+    dest = Path(shutil.copytree(tokenizer_dir, dest))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config = json.loads((dest / name).read_text(encoding="utf-8"))
+        config["pad_token"] = "!"
+        (dest / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return dest
 
 
@@ -112,25 +189,42 @@ def save_text_encoder(text_encoder, dest: str | Path) -> Path:
     return Path(dest)
 
 
-def make_tiny(dest: str | Path, *, seed: int = 0, controlnet: bool = True) -> Path:
+def make_tiny(dest: str | Path, *, seed: int = 0, controlnet: bool = True, family: str = "sd") -> Path:
     """Write a tiny random model (a few MB) in the exact layout of the released checkpoints,
-    with the real CLIP tokenizer. Same structure as SDXS-512-DreamShaper: no mid block, three
-    stages, one resnet per stage, DEIS scheduler, TAESD-shaped vae/ and an AutoencoderKL vae_large/."""
+    with the real CLIP tokenizer. family "sd": the structure of SDXS-512-DreamShaper (no mid block,
+    three stages, one resnet per stage, DEIS scheduler, TAESD-shaped vae/, an AutoencoderKL
+    vae_large/, a sketch ControlNet unless `controlnet=False`). family "sdxl": an SDXS-1024-shaped
+    model (TINY_SDXL) in StableDiffusionXLPipeline's layout, 128x128 images, no ControlNet."""
     from sdxs.tokenizer import cached_clip_tokenizer_dir
 
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown model family '{family}'; choose one of {', '.join(FAMILIES)}.")
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and is not empty; choose a new folder.")
-    architecture = TINY if controlnet else Architecture(**{**TINY.__dict__, "controlnet": None})
+    if family == "sdxl":
+        architecture = TINY_SDXL
+    else:
+        architecture = TINY if controlnet else Architecture(**{**TINY.__dict__, "controlnet": None})
     components = build_components(architecture, seed=seed)
     if "controlnet" in components:
         _randomise_zero_convs(components["controlnet"])
+    if family == "sdxl":
+        _strengthen_added_conditioning(components["unet"])
     save_pipeline_folder(components, cached_clip_tokenizer_dir(), dest)
     (dest / "README.md").write_text(
         "# Tiny random SDXS-layout model\n\nRandom weights, for tests, demos and bug reports: "
-        "made by `python -m sdxs make-tiny`. It generates noise-like images.\n"
+        f"made by `python -m sdxs make-tiny{' --family sdxl' if family == 'sdxl' else ''}`. It generates noise-like images.\n"
     )
     return dest
+
+
+def _strengthen_added_conditioning(unet: torch.nn.Module, factor: float = 4.0) -> None:
+    """At default init the tiny U-Net's text_time input (pooled embedding + six size numbers) moves its
+    pixels by only a few levels, so a wrong size or pooled embedding would hide within 1/255 of a
+    right one; scale its first layer so that tests can see each condition act (~13 levels per size number)."""
+    with torch.no_grad():
+        unet.add_embedding.linear_1.weight.mul_(factor)
 
 
 def _randomise_zero_convs(controlnet: torch.nn.Module, std: float = 0.05) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdxs.build import FAMILIES
 from sdxs.engine import BACKENDS
 from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, REFERENCE_MODELS, SKETCH_MODEL, get_spec
 from sdxs.validation import MAX_SEED, clean_prompt, open_image, parse_count, parse_seed
@@ -151,7 +152,7 @@ def cmd_arch(args) -> int:
 def cmd_make_tiny(args) -> int:
     from sdxs.build import make_tiny
 
-    path = make_tiny(args.dir, seed=args.seed)
+    path = make_tiny(args.dir, seed=args.seed, family=args.family)
     print(f"Tiny random model written to {path}; try: python -m sdxs generate --model {path} --prompt cat --out cat.png")
     return 0
 
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="write a tiny random model in the released checkpoints' folder layout")
     tiny.add_argument("dir", help="new folder to write")
     tiny.add_argument("--seed", type=int, default=0, help="weight init seed (default 0)")
+    tiny.add_argument("--family", choices=FAMILIES, default="sd",
+                      help="sd: SDXS-512-shaped, 512 px, with a sketch ControlNet (default); sdxl: SDXS-1024-shaped "
+                           "(two text encoders, text_time conditioning), StableDiffusionXLPipeline layout, 128 px")
     tiny.set_defaults(func=cmd_make_tiny)
     return parser
 

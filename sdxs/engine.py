@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdxs.loading import Components, load_components, pick_device_and_dtype
+from sdxs.registry import SKETCH_MODEL
 from sdxs.validation import MAX_SEED
 
 log = logging.getLogger(__name__)
@@ -246,20 +247,42 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | N
 
 # --- the three stages of a one-step call, as functions of the networks ------------------------------
 
+def encode_text(text_encoder, input_ids: torch.Tensor, text_encoder_2=None, input_ids_2: torch.Tensor | None = None):
+    """(text embeddings (N, tokens, width), pooled embedding (N, projection) or None) of tokenised prompts.
+
+    SD-1.x/2.x: the text encoder's last hidden state, no pooled embedding. SDXL family (with
+    `text_encoder_2`), as diffusers' StableDiffusionXLPipeline.encode_prompt: both encoders'
+    penultimate hidden states, CLIP-L's first, concatenated along the features (768 + 1280 = 2048 for
+    SDXL); the pooled embedding is text_encoder_2's projected end-of-text state (text_embeds)."""
+    if text_encoder_2 is None:
+        return text_encoder(input_ids)[0], None
+    first = text_encoder(input_ids, output_hidden_states=True).hidden_states[-2]
+    second = text_encoder_2(input_ids_2, output_hidden_states=True)
+    return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+def sdxl_time_ids(count: int, height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """SDXL's six size numbers per image (count, 6): original size (h, w), crop top-left (0, 0),
+    target size (h, w), as StableDiffusionXLPipeline builds them by default: the image is asked
+    for whole, uncropped, at the size it is made."""
+    return torch.tensor([[height, width, 0, 0, height, width]] * count, dtype=dtype, device=device)
+
+
 def denoise(unet, update: OneStepUpdate, noise: torch.Tensor, text_embeddings: torch.Tensor,
-            controlnet=None, control: torch.Tensor | None = None, control_strength=0.0) -> torch.Tensor:
+            controlnet=None, control: torch.Tensor | None = None, control_strength=0.0, added_cond: dict | None = None) -> torch.Tensor:
     """The single step: predict at t=999 and jump straight to the clean latents.
 
     In sketch mode the ControlNet adds its residuals (one per skip connection + one after the mid
-    block) to the U-Net, scaled by `control_strength` (a number or a 0-d tensor)."""
+    block) to the U-Net, scaled by `control_strength` (a number or a 0-d tensor). `added_cond`:
+    an SDXL-family U-Net's {"text_embeds": pooled, "time_ids": sizes} (None for SD models)."""
     latents = noise * update.noise_scale
     model_input = latents * update.input_scale
-    residuals = {}
+    extra = {} if added_cond is None else {"added_cond_kwargs": added_cond}
     if control is not None:
         down, mid = controlnet(model_input, update.timestep, encoder_hidden_states=text_embeddings, controlnet_cond=control,
                                conditioning_scale=control_strength, return_dict=False)
-        residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-    prediction = unet(model_input, update.timestep, encoder_hidden_states=text_embeddings, **residuals).sample
+        extra.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    prediction = unet(model_input, update.timestep, encoder_hidden_states=text_embeddings, **extra).sample
     return update.clean_latents(latents, prediction)
 
 
@@ -270,9 +293,10 @@ def decode_to_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def render(unet, vae, update: OneStepUpdate, noise, text_embeddings, controlnet=None, control=None, control_strength=0.0) -> torch.Tensor:
+def render(unet, vae, update: OneStepUpdate, noise, text_embeddings, controlnet=None, control=None, control_strength=0.0,
+           added_cond: dict | None = None) -> torch.Tensor:
     """Noise + text embeddings -> uint8 pixels: the whole one-step call after the text encoder."""
-    return decode_to_pixels(vae, denoise(unet, update, noise, text_embeddings, controlnet, control, control_strength))
+    return decode_to_pixels(vae, denoise(unet, update, noise, text_embeddings, controlnet, control, control_strength, added_cond))
 
 
 def batch_bucket(n: int, micro_batch: int) -> int:
@@ -301,7 +325,8 @@ class CompiledPath:
         # dynamo's default of 8 per function, which would silently fall back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         unet = components.unet.to(memory_format=torch.channels_last)
-        self.text_encoder = torch.compile(components.text_encoder, mode=mode, dynamic=False)
+        self.text_encoder = torch.compile(functools.partial(encode_text, components.text_encoder, text_encoder_2=components.text_encoder_2),
+                                          mode=mode, dynamic=False)
         self.renders = {}
         for name, vae in components.decoders.items():
             vae = vae.to(memory_format=torch.channels_last)
@@ -309,13 +334,18 @@ class CompiledPath:
                 functools.partial(render, unet, vae, update, controlnet=components.controlnet), mode=mode, dynamic=False)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxs-compiled")
 
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The text encoder's last hidden state, a copy that the next call does not overwrite."""
-        return self._run(lambda: self.text_encoder(input_ids)[0].clone())
+    def encode(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None):
+        """encode_text's (embeddings, pooled or None), copies that the next call does not overwrite."""
+        def call():
+            embedding, pooled = self.text_encoder(input_ids, input_ids_2=input_ids_2)
+            return embedding.clone(), None if pooled is None else pooled.clone()
 
-    def pixels(self, decoder: str, noise, embeddings, control=None, control_strength=None) -> torch.Tensor:
+        return self._run(call)
+
+    def pixels(self, decoder: str, noise, embeddings, control=None, control_strength=None, added_cond=None) -> torch.Tensor:
         """uint8 images (N, H, W, 3) on the host."""
-        return self._run(lambda: self.renders[decoder](noise, embeddings, control=control, control_strength=control_strength).cpu())
+        return self._run(lambda: self.renders[decoder](noise, embeddings, control=control, control_strength=control_strength,
+                                                       added_cond=added_cond).cpu())
 
     def _run(self, call):
         def on_compiled_thread():
@@ -357,6 +387,11 @@ class SDXSEngine:
         self.max_images = max_images
         self.update = one_step_update(components.scheduler_config)  # fails at start-up, not on the first request
         self.backend = resolve_backend(backend, device, dtype)
+        if components.is_sdxl and self.backend.startswith("openvino"):  # its IR has no inputs for SDXL's added conditions
+            if backend != "auto":
+                raise ValueError(f"The {backend} backend runs SD-1.x/2.x models only; '{components.source}' is an SDXL-family "
+                                 "model: use --backend torch (or torch-compile on a GPU).")
+            self.backend = "torch"
         if backend == "auto" and self.backend == "openvino":
             from sdxs.openvino_backend import memory_shortfall
 
@@ -377,7 +412,7 @@ class SDXSEngine:
         self.components = components
         self.max_tokens = components.tokenizer.model_max_length
         self.prompt_cache_size = prompt_cache_size
-        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, str | None]] = OrderedDict()
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None, str | None]] = OrderedDict()
         self._prompt_cache_lock = threading.Lock()
 
     @classmethod
@@ -438,19 +473,27 @@ class SDXSEngine:
         return (f"Prompt longer than the text encoder's {self.max_tokens} tokens ({len(ids)} given): "
                 f"ignored the end '{_shorten(dropped)}' after '{_shorten(kept, tail=True)}'.")
 
-    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, str | None]:
-        """CLIP text embedding (1, tokens, width; last hidden state, as SD uses) of one prompt, and its
-        truncation warning. Always alone (batch 1): a prompt's embedding is the same in any request
-        and batch, and the compiled text encoder needs one shape. Cached (LRU) when enabled."""
+    def _token_ids(self, tokenizer, prompt: str) -> torch.Tensor:
+        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return to_device(ids, self.device)
+
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+        """One prompt's CLIP text embedding (1, tokens, width; see encode_text), its pooled embedding
+        (1, projection; SDXL family, else None), and its truncation warning. Always alone (batch 1):
+        a prompt's embedding is the same in any request and batch, and the compiled text encoder
+        needs one shape. Cached (LRU) when enabled."""
         with self._prompt_cache_lock:
             if prompt in self._prompt_cache:
                 self._prompt_cache.move_to_end(prompt)
                 return self._prompt_cache[prompt]
-        ids = self.components.tokenizer([prompt], padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt").input_ids
-        ids = to_device(ids, self.device)
-        embedding = self.compiled.encode(ids) if self.compiled else self.components.text_encoder(ids)[0]
-        embedding = embedding.to(self.dtype)
-        entry = (embedding, self.truncation_warning(prompt))
+        components = self.components
+        ids = self._token_ids(components.tokenizer, prompt)
+        ids_2 = self._token_ids(components.tokenizer_2, prompt) if components.tokenizer_2 is not None else None
+        if self.compiled:
+            embedding, pooled = self.compiled.encode(ids, ids_2)
+        else:
+            embedding, pooled = encode_text(components.text_encoder, ids, components.text_encoder_2, ids_2)
+        entry = (embedding.to(self.dtype), None if pooled is None else pooled.to(self.dtype), self.truncation_warning(prompt))
         if self.prompt_cache_size > 0:
             with self._prompt_cache_lock:
                 self._prompt_cache[prompt] = entry
@@ -461,18 +504,36 @@ class SDXSEngine:
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
         """Embeddings (N, tokens, width) for a list of prompts (each distinct prompt encoded once);
         warnings about truncated prompts."""
+        embeddings, _, warnings = self.text_conditioning(prompts)
+        return embeddings, warnings
+
+    def text_conditioning(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """Embeddings (N, tokens, width), pooled embeddings (N, projection; SDXL family, else None)
+        and truncation warnings of a list of prompts, each distinct prompt encoded once."""
         encoded = {prompt: self.encode_prompt(prompt) for prompt in dict.fromkeys(prompts)}
-        warnings = [warning for _, warning in encoded.values() if warning]
-        return torch.cat([encoded[prompt][0] for prompt in prompts]), warnings
+        warnings = [warning for _, _, warning in encoded.values() if warning]
+        embeddings = torch.cat([encoded[prompt][0] for prompt in prompts])
+        pooled = torch.cat([encoded[prompt][1] for prompt in prompts]) if self.components.is_sdxl else None
+        return embeddings, pooled, warnings
+
+    def added_conditioning(self, pooled: torch.Tensor | None, height: int, width: int) -> dict | None:
+        """An SDXL-family U-Net's added_cond_kwargs for images of height x width: the pooled text
+        embeddings and the size numbers (sdxl_time_ids); None for SD models."""
+        if pooled is None:
+            return None
+        return {"text_embeds": pooled, "time_ids": sdxl_time_ids(pooled.shape[0], height, width, pooled.dtype, pooled.device)}
 
     def initial_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
         """Seeded latents for height x width images."""
         noise = seeded_noise(seeds, self.components.unet.config.in_channels, height, width, self.vae_scale_factor)
         return to_device(noise, self.device, self.dtype)
 
-    def denoise(self, noise: torch.Tensor, text_embeddings: torch.Tensor, control: torch.Tensor | None = None, control_strength: float = 0.0) -> torch.Tensor:
-        """The single step on this engine's networks (see sdxs.engine.denoise)."""
-        return denoise(self.components.unet, self.update, noise, text_embeddings, self.components.controlnet, control, control_strength)
+    def denoise(self, noise: torch.Tensor, text_embeddings: torch.Tensor, control: torch.Tensor | None = None, control_strength: float = 0.0,
+                added_cond: dict | None = None) -> torch.Tensor:
+        """The single step on this engine's networks (see sdxs.engine.denoise); an SDXL-family model
+        needs `added_cond` (added_conditioning)."""
+        return denoise(self.components.unet, self.update, noise, text_embeddings, self.components.controlnet, control, control_strength,
+                       added_cond)
 
     def decode(self, latents: torch.Tensor, decoder: str) -> list[Image.Image]:
         return [Image.fromarray(a) for a in self._decode_to_pixels(latents, decoder).cpu().numpy()]
@@ -545,6 +606,9 @@ class SDXSEngine:
         device, the control image as the ControlNet sees it); a ValueError that says what to fix."""
         from sdxs.sketch import prepare_sketch, sketch_to_tensor
 
+        if self.components.is_sdxl:
+            raise ValueError(f"'{self.name}' is an SDXL-family model; sketch mode (the ControlNet) runs SDXS-512 models only. "
+                             f"Use text-to-image with it, or load {SKETCH_MODEL} for sketches.")
         if self.components.controlnet is None:
             raise ValueError(
                 f"'{self.name}' has no ControlNet, so it cannot draw from sketches. Load "
@@ -566,14 +630,15 @@ class SDXSEngine:
         """Image i from prompts[i] and seeds[i], in micro-batches; the requests are already checked.
         `control`: one control image for all (1, 3, H, W) or one per image (N, 3, H, W) (sdxs.batching)."""
         start = time.perf_counter()
-        embeddings, _ = self.encode_prompts(prompts)
+        embeddings, pooled, _ = self.text_conditioning(prompts)
         timings = {} if self.compiled else {"text_encoder": self._lap(start), "unet": 0.0, "decoder": 0.0}
         images = []
         for first in range(0, len(prompts), self.micro_batch):
             chunk = slice(first, first + self.micro_batch)
             noise = self.initial_noise(seeds[chunk], height, width)
             per_image = lambda x: x[chunk] if torch.is_tensor(x) and x.shape[0] > 1 else x  # noqa: E731
-            pixels = self._render_chunk(noise, embeddings[chunk], decoder, per_image(control), control_strength, timings)
+            added_cond = self.added_conditioning(None if pooled is None else pooled[chunk], height, width)
+            pixels = self._render_chunk(noise, embeddings[chunk], decoder, per_image(control), control_strength, timings, added_cond)
             images += [Image.fromarray(a) for a in pixels.cpu().numpy()]  # the one host sync of a chunk
         timings["total"] = time.perf_counter() - start
         warnings = self.request_warnings(prompts, width, height)
@@ -583,12 +648,12 @@ class SDXSEngine:
 
     def request_warnings(self, prompts: list[str], width: int, height: int) -> list[str]:
         """What a person should know about a request: truncated prompts, a size the model was not trained at."""
-        warnings = [warning for warning in (self.encode_prompt(p)[1] for p in dict.fromkeys(prompts)) if warning]
+        warnings = [warning for warning in (self.encode_prompt(p)[-1] for p in dict.fromkeys(prompts)) if warning]
         if (width, height) != (self.native_size, self.native_size):
             warnings.append(f"This model is trained at {self.native_size}x{self.native_size}; {width}x{height} may look worse.")
         return warnings
 
-    def _render_chunk(self, noise, embeddings, decoder, control, control_strength, timings) -> torch.Tensor:
+    def _render_chunk(self, noise, embeddings, decoder, control, control_strength, timings, added_cond=None) -> torch.Tensor:
         """uint8 pixels of one micro-batch. Eager backends run stage by stage and add each stage's
         time to `timings` (a sync per stage on a GPU); the compiled path runs its one region at the
         chunk's batch bucket (rows repeated to fill it, then dropped) and takes no stage times."""
@@ -601,9 +666,11 @@ class SDXSEngine:
             strength = None
             if control is not None:  # a tensor, so that each strength does not compile a graph of its own
                 strength = to_device(torch.tensor(float(control_strength)), self.device, self.dtype)
-            return self.compiled.pixels(decoder, pad(noise), pad(embeddings), pad(control), strength)[:n]
+            if added_cond is not None:
+                added_cond = {name: pad(value) for name, value in added_cond.items()}
+            return self.compiled.pixels(decoder, pad(noise), pad(embeddings), pad(control), strength, added_cond)[:n]
         start = time.perf_counter()
-        latents = self.denoise(noise, embeddings, control, control_strength)
+        latents = self.denoise(noise, embeddings, control, control_strength, added_cond)
         timings["unet"] += self._lap(start)
         start = time.perf_counter()
         pixels = self._decode_to_pixels(latents, decoder)
@@ -640,7 +707,7 @@ class SDXSEngine:
         for batch in batch_sizes:
             for decoder in self.decoders:
                 self.text_to_image("warm-up", seed=0, num_images=batch, decoder=decoder)
-            if self.components.controlnet is not None:
+            if self.components.controlnet is not None and not self.components.is_sdxl:
                 sketch = Image.new("L", (64, 64), 255)
                 ImageDraw.Draw(sketch).line([(8, 8), (56, 56)], fill=0, width=3)
                 self.sketch_to_image(sketch, "warm-up", seed=0, num_images=batch)

@@ -52,8 +52,8 @@ def pick_device_and_dtype(device: str | None = None, dtype: str | torch.dtype | 
 
 COMPLETE_FOLDER = (
     "A complete one-step pipeline folder holds model_index.json, unet/, text_encoder/, tokenizer/, "
-    "scheduler/ and vae/ (AutoencoderTiny or AutoencoderKL), optionally vae_large/ and controlnet/, in "
-    "diffusers layout, as `python -m sdxs make-tiny DIR` and the train/ stages (OUTPUT_DIR/final) write it."
+    "scheduler/ and vae/ (AutoencoderTiny or AutoencoderKL), optionally vae_large/ and controlnet/ (an SDXL-family "
+    "model also text_encoder_2/ and tokenizer_2/), in diffusers layout, as `python -m sdxs make-tiny DIR` and the train/ stages (OUTPUT_DIR/final) write it."
 )
 
 
@@ -129,6 +129,20 @@ class Components:
     source: str
     controlnet: torch.nn.Module | None = None  # sketch mode
     folders: tuple[str, ...] = ()  # the local folders the weights came from (key on-disk caches)
+    # SDXL family: the second text encoder (CLIPTextModelWithProjection, OpenCLIP-bigG) and its
+    # tokenizer; None for SD-1.x/2.x models
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL-family model: its U-Net reads the pooled text embedding and size numbers (text_time)."""
+        return is_sdxl_unet(self.unet.config)
+
+
+def is_sdxl_unet(unet_config) -> bool:
+    """SDXL's micro-conditioning: the U-Net takes added_cond_kwargs {"text_embeds", "time_ids"}."""
+    return dict(unet_config).get("addition_embed_type") == "text_time"
 
 
 def _first_line(err: BaseException) -> str:
@@ -147,8 +161,12 @@ def read_json(path: Path) -> dict | None:
 
 
 def _check_folder(root: Path, model: str, local: bool) -> None:
-    """Every component folder a one-step call needs is there."""
-    missing = [f"{sub}/" for sub in ("unet", "text_encoder", "tokenizer", "scheduler") if not (root / sub).is_dir()]
+    """Every component folder a one-step call needs is there (an SDXL-family model needs two text
+    encoders and two tokenizers)."""
+    needed = ["unet", "text_encoder", "tokenizer", "scheduler"]
+    if is_sdxl_unet(read_json(root / "unet" / "config.json") or {}):
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [f"{sub}/" for sub in needed if not (root / sub).is_dir()]
     if not ((root / "vae").is_dir() or (root / "vae_large").is_dir()):
         missing.append("vae/ (or vae_large/)")
     if missing:
@@ -172,6 +190,8 @@ _COMPONENT_CONFIGS = {
     "scheduler": ("scheduler_config.json", None),  # any diffusers scheduler
     "text_encoder": ("config.json", None),  # transformers configs: checked for auto_map only
     "tokenizer": ("tokenizer_config.json", None),
+    "text_encoder_2": ("config.json", None),  # SDXL family
+    "tokenizer_2": ("tokenizer_config.json", None),
 }
 
 
@@ -237,7 +257,8 @@ def check_one_step(root: Path, model: str) -> None:
         f"'{model}' is a multi-step diffusion pipeline, not a one-step SDXS model: its U-Net has a mid block "
         f"(SDXS removes it) and its scheduler is {scheduler.get('_class_name', 'unknown')}, a many-step sampler. "
         f"A model like it (e.g. a teacher for training) is sampled in about 25 steps with classifier-free guidance; "
-        f"one step at t=999 gives a blurry blob. Sample it with diffusers' StableDiffusionPipeline "
+        f"one step at t=999 gives a blurry blob. Sample it with diffusers' "
+        f"{'StableDiffusionXLPipeline' if is_sdxl_unet(unet) else 'StableDiffusionPipeline'} "
         f"(num_inference_steps=25, guidance_scale above 1), or distil a one-step model from it with train/ "
         f"(stages A-C). For one-step images use an SDXS model: {DEFAULT_MODEL}, a train/ OUTPUT_DIR/final "
         f"folder, or `python -m sdxs make-tiny DIR` for a tiny test model."
@@ -324,7 +345,7 @@ def load_decoder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     return getattr(diffusers, class_name).from_pretrained(folder, torch_dtype=dtype)
 
 
-_PIPELINE_WEIGHTS = ("unet", "text_encoder", "vae", "vae_large")
+_PIPELINE_WEIGHTS = ("unet", "text_encoder", "text_encoder_2", "vae", "vae_large")
 
 
 def load_components(model: str | os.PathLike, device: torch.device, dtype: torch.dtype, *, base: str | None = None) -> Components:
@@ -333,7 +354,7 @@ def load_components(model: str | os.PathLike, device: torch.device, dtype: torch
     base_model_name_or_path) and merge the LoRA into the U-Net once. Refuses (UnsupportedModelError)
     a multi-step pipeline and a folder that needs custom code."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = MODELS.get(str(model))
     is_adapter_repo = spec is not None and spec.kind in ("lora", "controlnet")
@@ -368,10 +389,16 @@ def load_components(model: str | os.PathLike, device: torch.device, dtype: torch
             vae = load_part(root / sub, lambda: load_decoder(root / sub, dtype))
             decoders["tiny" if type(vae).__name__ == "AutoencoderTiny" else "large"] = vae
     controlnet = load_part(root / "controlnet", lambda: load_controlnet(root / "controlnet", dtype)) if (root / "controlnet").is_dir() else None
-    for module in [text_encoder, unet, *decoders.values(), controlnet]:
+    tokenizer_2 = text_encoder_2 = None
+    if is_sdxl_unet(unet.config):  # SDXL family: the second text encoder gives the pooled embedding too
+        tokenizer_2 = load_part(root / "tokenizer_2", lambda: CLIPTokenizer.from_pretrained(root / "tokenizer_2"))
+        text_encoder_2 = load_part(root / "text_encoder_2",
+                                   lambda: CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", torch_dtype=dtype))
+    for module in [text_encoder, text_encoder_2, unet, *decoders.values(), controlnet]:
         if module is not None:
             module.to(device).eval().requires_grad_(False)
-    return Components(tokenizer, text_encoder, unet, scheduler_config, decoders, source=str(model), controlnet=controlnet, folders=(str(root),))
+    return Components(tokenizer, text_encoder, unet, scheduler_config, decoders, source=str(model), controlnet=controlnet,
+                      folders=(str(root),), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
 def _load_base(base: str, model: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> Components:
