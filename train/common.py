@@ -273,6 +273,11 @@ def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: 
     missing = [sub for sub in ("tokenizer", "text_encoder", "scheduler", "vae", *(["unet"] if unet else [])) if not (root / sub).is_dir()]
     if missing:
         raise SystemExit(f"{flag} {model} ({root}) is not a pipeline folder in diffusers layout: missing {', '.join(missing)}.")
+    if unet and json.loads((root / "unet" / "config.json").read_text()).get("addition_embed_type") == "text_time":
+        # Stage B has SDXL's recipe (train/distill_unet.py), but no stage's data path encodes with two
+        # text encoders and SDXL's added conditioning yet: say so here, not at the first U-Net call.
+        raise SystemExit(f"{flag} {model} is an SDXL-family pipeline (its U-Net takes text_time conditioning); the U-Net stages "
+                         "do not train SDXL teachers yet (train/README.md, \"SDXS-1024's U-Net\"). Use an SD-1.x/SD-2.x teacher.")
     vae_dir = root / "vae_large" if (root / "vae_large").is_dir() else root / "vae"
     vae_class = json.loads((vae_dir / "config.json").read_text()).get("_class_name")
     if vae_class != "AutoencoderKL":
