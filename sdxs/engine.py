@@ -288,7 +288,9 @@ def denoise(unet, update: OneStepUpdate, noise: torch.Tensor, text_embeddings: t
 
 def decode_to_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> uint8 images (N, H, W, 3) on the latents' device: the conversion runs where the
-    decoder does, so only the final pixels cross to the host."""
+    decoder does, so only the final pixels cross to the host. Latents are cast to the decoder's dtype
+    (SDXL's VAE runs in fp32 in an fp16 model: sdxs.loading.decoder_dtype)."""
+    latents = latents.to(getattr(vae, "dtype", latents.dtype))  # wrappers (OpenVINO, AOT) have no dtype: as given
     images = vae.decode(latents / vae.config.scaling_factor).sample  # in [-1, 1]
     return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 

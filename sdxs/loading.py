@@ -345,6 +345,14 @@ def load_decoder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     return getattr(diffusers, class_name).from_pretrained(folder, torch_dtype=dtype)
 
 
+def decoder_dtype(vae_config: dict, dtype: torch.dtype, sdxl: bool) -> torch.dtype:
+    """The dtype a decoder runs in: the model's, except SDXL's AutoencoderKL in fp16, which overflows
+    there (NaN, black images) and says so with force_upcast: fp32, as StableDiffusionXLPipeline
+    upcasts it. SD pipelines never upcast (their VAE is fine in fp16), so neither does sdxs."""
+    upcast = sdxl and dtype == torch.float16 and vae_config.get("_class_name") == "AutoencoderKL" and vae_config.get("force_upcast", True)
+    return torch.float32 if upcast else dtype
+
+
 _PIPELINE_WEIGHTS = ("unet", "text_encoder", "text_encoder_2", "vae", "vae_large")
 
 
@@ -384,13 +392,15 @@ def load_components(model: str | os.PathLike, device: torch.device, dtype: torch
     text_encoder = load_part(root / "text_encoder", lambda: CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype))
     unet = load_part(root / "unet", lambda: UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype))
     decoders = {}
+    sdxl = is_sdxl_unet(unet.config)
     for sub in ("vae", "vae_large"):
         if (root / sub).is_dir():
-            vae = load_part(root / sub, lambda: load_decoder(root / sub, dtype))
+            vae_dtype = decoder_dtype(read_json(root / sub / "config.json") or {}, dtype, sdxl)
+            vae = load_part(root / sub, lambda: load_decoder(root / sub, vae_dtype))
             decoders["tiny" if type(vae).__name__ == "AutoencoderTiny" else "large"] = vae
     controlnet = load_part(root / "controlnet", lambda: load_controlnet(root / "controlnet", dtype)) if (root / "controlnet").is_dir() else None
     tokenizer_2 = text_encoder_2 = None
-    if is_sdxl_unet(unet.config):  # SDXL family: the second text encoder gives the pooled embedding too
+    if sdxl:  # SDXL family: the second text encoder gives the pooled embedding too
         tokenizer_2 = load_part(root / "tokenizer_2", lambda: CLIPTokenizer.from_pretrained(root / "tokenizer_2"))
         text_encoder_2 = load_part(root / "text_encoder_2",
                                    lambda: CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", torch_dtype=dtype))

@@ -221,3 +221,23 @@ def test_compiled_backend_equals_eager(sdxl_dir, sdxl_engine):
         ours = engine_images(compiled, prompts, seeds, "tiny")
         eager = engine_images(sdxl_engine, prompts, seeds, "tiny")
         assert max_difference(ours, eager) <= 1
+
+
+def test_sdxl_vae_runs_in_fp32_in_an_fp16_model_as_the_pipeline_upcasts_it(sdxl_engine):
+    """SDXL's AutoencoderKL overflows in fp16 (force_upcast): it is loaded in fp32 there, and
+    decode_to_pixels casts the fp16 latents to it. SD models and tiny decoders keep the model's dtype."""
+    from sdxs.engine import decode_to_pixels
+    from sdxs.loading import decoder_dtype
+
+    kl = {"_class_name": "AutoencoderKL", "force_upcast": True}
+    assert decoder_dtype(kl, torch.float16, sdxl=True) == torch.float32
+    assert decoder_dtype(kl, torch.float16, sdxl=False) == torch.float16  # StableDiffusionPipeline never upcasts
+    assert decoder_dtype({**kl, "force_upcast": False}, torch.float16, sdxl=True) == torch.float16  # e.g. an fp16-fixed VAE
+    assert decoder_dtype({"_class_name": "AutoencoderTiny"}, torch.float16, sdxl=True) == torch.float16
+    assert decoder_dtype(kl, torch.bfloat16, sdxl=True) == torch.bfloat16
+    vae = sdxl_engine.components.decoders["large"]  # fp32
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = decode_to_pixels(vae, latents)
+        from_half = decode_to_pixels(vae, latents.to(torch.bfloat16))
+    assert from_half.dtype == torch.uint8 and max_difference(full.numpy(), from_half.numpy()) <= 8
