@@ -18,7 +18,8 @@ from sdxs import DEFAULT_MODEL, MODELS, ModelNotFoundError, SDXSEngine
 from sdxs.registry import ANIME_LORA, builtin_model
 from sdxs.validation import MAX_SEED, clean_prompt, parse_count, parse_seed, random_seed
 from sdxs.webapp import (add_common_flags, concurrency_limit, configure_console, display_name, errors_as_messages, fallback_notice, gpu,
-                         is_fallback, launch, limit_malloc_arenas, load_engine_or_exit, prompt_for, request_runner, status_line)
+                         is_fallback, launch, limit_malloc_arenas, load_engine_or_exit, prompt_for, request_runner, status_line,
+                         warm_up_sizes)
 
 
 MAX_IMAGES = 4
@@ -153,7 +154,7 @@ def load_engines(args) -> dict[str, SDXSEngine]:
             print(f"warning: style LoRA '{lora}' not loaded, running without it: {err}", file=sys.stderr)
         else:
             if variant.backend != "torch":
-                variant.warm_up()
+                variant.warm_up(warm_up_sizes(variant))
             engines[MODELS[lora].title if lora in MODELS else f"{display_name(engine)} + {display_name(variant)}"] = variant
     return engines
 

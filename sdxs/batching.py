@@ -103,21 +103,26 @@ class RequestBatcher:
         return request.result
 
     def _serve(self) -> None:
+        carried = None  # a request that did not fit the last gathering: the first of the next
         while True:
-            first = self._queue.get()
+            first = carried if carried is not None else self._queue.get()
             if first is None:
                 return
-            batch, stop = self._gather(first)
+            batch, carried, stop = self._gather(first)
             groups: dict[tuple, list[_Request]] = {}
             for request in batch:
                 groups.setdefault(request.group, []).append(request)
             for group in groups.values():
                 self._run(group)
             if stop:
+                if carried is not None:
+                    self._run([carried])
                 return
 
-    def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
-        """The first request and those that arrive within the window, up to max_batch images."""
+    def _gather(self, first: _Request) -> tuple[list[_Request], _Request | None, bool]:
+        """The first request and those that arrive within the window, up to max_batch images (a
+        request that would go past it is carried over to the next gathering, so a forward never
+        exceeds the batch sizes a compiled server prepared); then whether close() was called."""
         batch, images = [first], len(first.prompts)
         deadline = time.perf_counter() + self.window_s
         while images < self.max_batch:
@@ -126,10 +131,12 @@ class RequestBatcher:
             except queue.Empty:
                 break
             if request is None:
-                return batch, True
+                return batch, None, True
+            if images + len(request.prompts) > self.max_batch:
+                return batch, request, False
             batch.append(request)
             images += len(request.prompts)
-        return batch, False
+        return batch, None, False
 
     def _run(self, group: list[_Request]) -> None:
         """One engine call for a group of compatible requests; each gets its slice of the images.

@@ -25,6 +25,10 @@ MAX_SIDE = 2048
 # bounded). On a GPU, batching is where the throughput is (issue 16: 5x from batch 1 to 16); on a
 # CPU it gains ~5% and costs memory.
 DEFAULT_MICRO_BATCH = {"cuda": 64, "cpu": 4}
+# Fast (Rust) tokenizers keep their truncation/padding settings as shared state that every call
+# resets: two threads tokenizing at once (a style variant's batcher next to the base model's, which
+# share the tokenizer) can fail ("Already borrowed") or encode under the other call's settings.
+TOKENIZER_LOCK = threading.Lock()
 PROMPT_CACHE_SIZE = 64  # prompt embeddings kept (LRU): the live sketch app re-sends its prompt on every stroke
 DECODER_PREFERENCE = ("tiny", "large")  # the fast decoder first: the default when a model has it
 
@@ -327,13 +331,18 @@ class CompiledPath:
         # dynamo's default of 8 per function, which would silently fall back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         unet = components.unet.to(memory_format=torch.channels_last)
+        # fullgraph: each region is one graph or an error at warm-up. A graph break would split a call
+        # into several CUDA graphs, and the step counter that lets graph memory be reused is process-wide:
+        # another engine's compiled thread (a style variant) marking a step between them could reuse
+        # memory still in use. Exception: transformers' hidden-state capture (SDXL reads the
+        # penultimate states of both encoders) takes a lock, which dynamo cannot trace.
         self.text_encoder = torch.compile(functools.partial(encode_text, components.text_encoder, text_encoder_2=components.text_encoder_2),
-                                          mode=mode, dynamic=False)
+                                          mode=mode, dynamic=False, fullgraph=components.text_encoder_2 is None)
         self.renders = {}
         for name, vae in components.decoders.items():
             vae = vae.to(memory_format=torch.channels_last)
             self.renders[name] = torch.compile(
-                functools.partial(render, unet, vae, update, controlnet=components.controlnet), mode=mode, dynamic=False)
+                functools.partial(render, unet, vae, update, controlnet=components.controlnet), mode=mode, dynamic=False, fullgraph=True)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxs-compiled")
 
     def encode(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None):
@@ -467,7 +476,8 @@ class SDXSEngine:
     def truncation_warning(self, prompt: str) -> str | None:
         """What is cut from a prompt longer than the text encoder reads, or None."""
         tokenizer = self.components.tokenizer
-        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+        with TOKENIZER_LOCK:
+            ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
         if len(ids) <= self.max_tokens:
             return None
         kept = tokenizer.decode(ids[1 : self.max_tokens - 1])
@@ -476,7 +486,8 @@ class SDXSEngine:
                 f"ignored the end '{_shorten(dropped)}' after '{_shorten(kept, tail=True)}'.")
 
     def _token_ids(self, tokenizer, prompt: str) -> torch.Tensor:
-        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        with TOKENIZER_LOCK:
+            ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         return to_device(ids, self.device)
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
@@ -650,7 +661,7 @@ class SDXSEngine:
 
     def request_warnings(self, prompts: list[str], width: int, height: int) -> list[str]:
         """What a person should know about a request: truncated prompts, a size the model was not trained at."""
-        warnings = [warning for warning in (self.encode_prompt(p)[-1] for p in dict.fromkeys(prompts)) if warning]
+        warnings = [warning for warning in map(self.truncation_warning, dict.fromkeys(prompts)) if warning]
         if (width, height) != (self.native_size, self.native_size):
             warnings.append(f"This model is trained at {self.native_size}x{self.native_size}; {width}x{height} may look worse.")
         return warnings
@@ -661,7 +672,9 @@ class SDXSEngine:
         chunk's batch bucket (rows repeated to fill it, then dropped) and takes no stage times."""
         n = noise.shape[0]
         if control is not None:
-            control = control.expand(n, -1, -1, -1)
+            # contiguous: a compiled graph is specialised on strides too, and a batcher's control
+            # (one row per request, concatenated) must hit the graph the warm-up's expanded one made
+            control = control.expand(n, -1, -1, -1).contiguous()
         if self.compiled:
             bucket = batch_bucket(n, self.micro_batch)
             pad = lambda x: x if x is None or bucket == n else torch.cat([x, x[-1:].expand(bucket - n, *x.shape[1:])])  # noqa: E731
@@ -701,12 +714,15 @@ class SDXSEngine:
         """Throw-away calls at the native size, through every decoder and (with a ControlNet) the
         sketch mode, so that converting/compiling (OpenVINO, torch.compile) happens at start-up and
         not on a visitor's first request. `batch_sizes`: the batches to prepare (the compiled path
-        captures each batch bucket once). Returns seconds."""
+        captures each batch bucket once). Returns seconds.
+
+        The compiled path runs each shape twice: CUDA graph trees run a new function eagerly on its
+        first call and record its graph on the second."""
         start = time.perf_counter()
         size = self.native_size
         modes = f"decoders {', '.join(self.decoders)} at {size}x{size}" + (", sketch mode" if self.components.controlnet is not None else "")
         log.info("Warming up (%s backend; %s; batch %s)...", self.backend, modes, ", ".join(map(str, batch_sizes)))
-        for batch in batch_sizes:
+        for batch in [b for b in batch_sizes for _ in range(2 if self.compiled else 1)]:
             for decoder in self.decoders:
                 self.text_to_image("warm-up", seed=0, num_images=batch, decoder=decoder)
             if self.components.controlnet is not None and not self.components.is_sdxl:
