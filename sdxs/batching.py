@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdxs.engine import Generation, SDXSEngine, check_one_step_settings, check_seed, image_seeds, validate_request
+from sdxs.engine import Generation, SDXSEngine, check_seed, image_seeds
 
 log = logging.getLogger(__name__)
 WINDOW_S = 0.005  # how long the worker waits for more requests after the first: ~1/4 of a GPU call
@@ -65,15 +65,8 @@ class RequestBatcher:
     def text_to_image(self, prompt, *, seed: int = 0, num_images: int = 1, decoder: str | None = None, width: int | None = None,
                       height: int | None = None, num_inference_steps: int = 1, guidance_scale: float = 0.0) -> Generation:
         """As SDXSEngine.text_to_image; blocks until this request's images are made."""
-        engine = self.engine
-        decoder = engine.default_decoder if decoder is None else decoder
-        width = engine.native_size if width is None else width
-        height = engine.native_size if height is None else height
-        check_one_step_settings(num_inference_steps, guidance_scale)
-        prompts = validate_request(prompt, num_images, width, height, decoder, engine.decoders, engine.size_multiple, engine.max_images)
-        check_seed(seed)
-        prompts = [p for p in prompts for _ in range(num_images)]
-        return self._submit(_Request(prompts, image_seeds(seed, len(prompts)), decoder, width, height))
+        request = self.engine.prepare_text_request(prompt, seed, num_images, decoder, width, height, num_inference_steps, guidance_scale)
+        return self._submit(_Request(*request))
 
     def sketch_to_image(self, sketch, prompt, *, seed: int = 0, num_images: int = 1, control_strength: float = 0.8,
                         decoder: str | None = None, num_inference_steps: int = 1, guidance_scale: float = 0.0) -> Generation:

@@ -578,6 +578,11 @@ class SDXSEngine:
         Image i of a call gets seed `seed + i`, so any image can be reproduced alone. `decoder`
         defaults to `default_decoder`, `width` and `height` to `native_size`.
         """
+        return self._generate(*self.prepare_text_request(prompt, seed, num_images, decoder, width, height, num_inference_steps, guidance_scale))
+
+    def prepare_text_request(self, prompt, seed, num_images, decoder, width, height, num_inference_steps, guidance_scale):
+        """A text request checked and expanded: (one prompt per image, their seeds, decoder, width,
+        height), the defaults filled in; a ValueError that says what to fix."""
         decoder = self.default_decoder if decoder is None else decoder
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
@@ -585,7 +590,7 @@ class SDXSEngine:
         prompts = validate_request(prompt, num_images, width, height, decoder, self.decoders, self.size_multiple, self.max_images)
         check_seed(seed)
         prompts = [p for p in prompts for _ in range(num_images)]
-        return self._generate(prompts, image_seeds(seed, len(prompts)), decoder, width, height)
+        return prompts, image_seeds(seed, len(prompts)), decoder, width, height
 
     @torch.inference_mode()
     def sketch_to_image(
