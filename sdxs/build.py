@@ -19,23 +19,23 @@ FAMILIES = ("sd", "sdxl")
 # different widths (as CLIP-L 768 and OpenCLIP-bigG 1280 differ: a swapped order changes every
 # value), a projection width of its own, the one-step Euler (trailing) scheduler, a TAESDXL-shaped
 # vae/ and an AutoencoderKL vae_large/ with SDXL's latent scale. 16x16 latents: 128x128 images.
-_TINY_SDXL_TEXT = dict(arch.TINY_TEXT, hidden_size=32, num_hidden_layers=3)
-_TINY_SDXL_TEXT_2 = dict(arch.OPENCLIP_BIGG_TEXT, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+TINY_SDXL_TEXT = dict(arch.TINY_TEXT, hidden_size=32, num_hidden_layers=3)
+TINY_SDXL_TEXT_2 = dict(arch.OPENCLIP_BIGG_TEXT, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                          num_attention_heads=4, projection_dim=40)
 _TINY_TIME_EMBED_DIM = 8
 TINY_SDXL = Architecture(
-    text_encoder=_TINY_SDXL_TEXT,
-    text_encoder_2=_TINY_SDXL_TEXT_2,
+    text_encoder=TINY_SDXL_TEXT,
+    text_encoder_2=TINY_SDXL_TEXT_2,
     unet=dict(
         arch.SDXS_1024_UNET,
         sample_size=16,
         block_out_channels=(16, 32, 32),
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 4),
-        cross_attention_dim=_TINY_SDXL_TEXT["hidden_size"] + _TINY_SDXL_TEXT_2["hidden_size"],
+        cross_attention_dim=TINY_SDXL_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
         addition_time_embed_dim=_TINY_TIME_EMBED_DIM,
         # the pooled embedding and six size/crop numbers, each embedded in addition_time_embed_dim
-        projection_class_embeddings_input_dim=_TINY_SDXL_TEXT_2["projection_dim"] + 6 * _TINY_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=TINY_SDXL_TEXT_2["projection_dim"] + 6 * _TINY_TIME_EMBED_DIM,
         norm_num_groups=8,
     ),
     scheduler=arch.EULER_TRAILING_SCHEDULER,
@@ -105,11 +105,12 @@ def count_parameters(model_id: str) -> dict[str, int]:
     return counts
 
 
-def save_pipeline_folder(components: dict, tokenizer_dir: str | Path, dest: str | Path) -> Path:
+def save_pipeline_folder(components: dict, tokenizer_dir: str | Path, dest: str | Path, *, tokenizer_2_dir: str | Path | None = None) -> Path:
     """Save components in the folder layout of the released checkpoints: model_index.json,
     scheduler/, text_encoder/, tokenizer/, unet/, vae/ (tiny), vae_large/, and controlnet/ when
     there is one. model_index.json is what StableDiffusionPipeline.from_pretrained reads (with a
-    text_encoder_2: StableDiffusionXLPipeline, which also reads text_encoder_2/ and tokenizer_2/)."""
+    text_encoder_2: StableDiffusionXLPipeline, which also reads text_encoder_2/ and tokenizer_2/:
+    a copy of `tokenizer_2_dir`, or made from tokenizer_dir by write_sdxl_tokenizer_2)."""
     import diffusers
 
     dest = Path(dest)
@@ -126,7 +127,10 @@ def save_pipeline_folder(components: dict, tokenizer_dir: str | Path, dest: str 
     shutil.copytree(tokenizer_dir, dest / "tokenizer")
     if "text_encoder_2" in components:
         save_text_encoder(components["text_encoder_2"], dest / "text_encoder_2")
-        write_sdxl_tokenizer_2(tokenizer_dir, dest / "tokenizer_2")
+        if tokenizer_2_dir is not None:
+            shutil.copytree(tokenizer_2_dir, dest / "tokenizer_2")
+        else:
+            write_sdxl_tokenizer_2(tokenizer_dir, dest / "tokenizer_2")
     return dest
 
 

@@ -226,7 +226,7 @@ def test_the_pair_cache_holds_psi_of_each_pairs_own_noise(teacher, tmp_path, acc
     (seed, i) (any sharding builds one cache), psi as main() sets it up (Psi), batched or not."""
     parts = common.load_teacher(str(teacher), CPU, torch.float32)
     prompts = ["a photo of a cat", "a red bicycle", "a bowl of ramen"]
-    folder = stage.build_pair_cache(parts.unet, parts.tokenizer, parts.text_encoder, parts.scheduler_config, prompts, tmp_path / "pairs",
+    folder = stage.build_pair_cache(parts.unet, parts.prompt_encoder(64), parts.scheduler_config, prompts, tmp_path / "pairs",
                                     psi_scheduler="dpmsolver++", steps=2, guidance_scale=2.0, side=8, seed=3, batch_size=2,
                                     accelerator=accelerator)
     psi = stage.Psi(parts.unet, "dpmsolver++", parts.scheduler_config, 2, 2.0,

@@ -122,19 +122,15 @@ TINY_SDXL_UNET = dict(
 )
 
 
-def test_sd_and_sdxl_teachers_pass_the_recipes_check_and_the_run_refuses_sdxl_naming_what_is_missing():
+def test_sd_and_sdxl_teachers_pass_the_recipes_check():
     from diffusers import UNet2DConditionModel
 
     for config in (SD15_UNET, SD21_BASE_UNET, TINY_TEACHER_UNET):
         assert stage.unsupported_teacher_features(config) == []
-        stage.check_runnable_teacher(config)
+        stage.check_teacher_unet(config)
     sdxl = dict(UNet2DConditionModel.from_config(TINY_SDXL_UNET).config)  # a config diffusers builds
     assert stage.unsupported_teacher_features(sdxl) == [] and stage.derive_student_config(sdxl)["mid_block_type"] is None
-    with pytest.raises(SystemExit) as err:
-        stage.check_runnable_teacher(sdxl, "Teacher 'x'")
-    message = str(err.value.code)
-    assert message.startswith("error: Teacher 'x' is an SDXL-style teacher") and "text_time" in message
-    assert "SD-1.x/SD-2.x" in message and "one text encoder" in message
+    stage.check_teacher_unet(sdxl, "Teacher 'x'")
 
 
 @pytest.mark.parametrize("change, named", [
@@ -150,10 +146,10 @@ def test_each_unsupported_feature_is_named(change, named):
 
 
 @pytest.mark.parametrize("change, refusal", [
-    ({}, r"SDXL-style teacher .* this training run does not yet"),  # the recipe handles it, the run's data path not yet
     (dict(class_embed_type="timestep"), r"U-Net is not one stage B's .* class_embed_type 'timestep'.* Supported: an SD-1.x"),
+    (dict(transformer_layers_per_block=(0, 2, 4)), r"U-Net is not one stage B's .*transformer_layers_per_block \[0, 2, 4\] \(one depth >= 1 per stage expected\)"),
 ])
-def test_run_refuses_an_sdxl_shaped_teacher_before_loading_it(teacher, tmp_path, change, refusal):
+def test_run_refuses_an_unsupported_sdxl_shaped_teacher_before_loading_it(teacher, tmp_path, change, refusal):
     sdxl = tmp_path / "sdxl-teacher"
     shutil.copytree(teacher, sdxl)  # an SD teacher's weights under an SDXL-shaped config: loading it would fail in diffusers
     (sdxl / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY_SDXL_UNET, **change}))
@@ -292,8 +288,10 @@ def kd_batch_inputs(teacher, n: int, caption_dropout: float, latents: float = 0.
     tokenizer, text_encoder = CLIPTokenizer.from_pretrained(teacher / "tokenizer"), CLIPTextModel.from_pretrained(teacher / "text_encoder")
     scheduler = DDPMScheduler.from_pretrained(teacher / "scheduler")
     batch = {"latents": torch.full((n, 4, 8, 8), latents), "prompt": ["a photo of a cat"] * n}
-    x_t, t, states = stage.kd_inputs(batch, torch.Generator().manual_seed(seed), noise_scheduler=scheduler, tokenizer=tokenizer,
-                                     text_encoder=text_encoder, caption_dropout=caption_dropout, device=torch.device("cpu"))
+    encode = common.PromptEncoder((tokenizer,), (text_encoder,), 64)
+    x_t, t, cond = stage.kd_inputs(batch, torch.Generator().manual_seed(seed), noise_scheduler=scheduler, encode=encode,
+                                   caption_dropout=caption_dropout, device=torch.device("cpu"))
+    states = cond.states
     uncond, cond = common.encode_prompts(tokenizer, text_encoder, ["", "a photo of a cat"])
     return x_t, t, states, scheduler.alphas_cumprod, uncond, cond
 
@@ -340,7 +338,7 @@ def test_main_feeds_kd_step_and_steps_the_lr_schedule_once_per_optimizer_step(te
 
     uncond = common.encode_prompts(CLIPTokenizer.from_pretrained(teacher / "tokenizer"),
                                    CLIPTextModel.from_pretrained(teacher / "text_encoder"), [""])[0]
-    assert all(torch.equal(s, uncond) for c in calls for s in c["states"])
+    assert all(torch.equal(s, uncond) for c in calls for s in c["states"].states)
     assert all(c["t"].min() >= 0 and c["t"].max() < 1000 for c in calls)
     used = calls[0]["teacher_unet"]
     assert all(c["teacher_unet"] is used for c in calls) and not any(p.requires_grad for p in used.parameters())

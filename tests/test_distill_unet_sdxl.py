@@ -117,13 +117,13 @@ def test_sdxl_text_conditions_equal_the_sdxl_pipelines():
                                      tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=UNet2DConditionModel(**SDXL_SHAPED_UNET),
                                      scheduler=EulerDiscreteScheduler())
     prompts = ["a photo of a cat", "", "an emoji of a red apple"]
-    states, pooled = stage.encode_sdxl_prompts(tokenizers, encoders, prompts)
+    states, pooled = common.encode_sdxl_prompts(tokenizers, encoders, prompts)
     want_states, _, want_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
     assert states.shape == (3, 77, 64) and pooled.shape == (3, POOLED_DIM)
     assert torch.equal(states, want_states) and torch.equal(pooled, want_pooled)
     assert not torch.equal(pooled[0], pooled[2])  # per prompt
 
-    cond = stage.sdxl_added_cond(pooled, original_size=(96, 64), target_size=(128, 112), crop_top_left=(8, 4))
+    cond = common.sdxl_added_cond(pooled, original_size=(96, 64), target_size=(128, 112), crop_top_left=(8, 4))
     want_ids = pipe._get_add_time_ids((96, 64), (8, 4), (128, 112), dtype=pooled.dtype, text_encoder_projection_dim=POOLED_DIM)
     assert torch.equal(cond["text_embeds"], pooled) and torch.equal(cond["time_ids"], want_ids.expand(3, -1))
 
@@ -149,7 +149,7 @@ def sdxl_kd_problem():
 def test_kd_step_gives_both_sdxl_unets_the_same_text_and_micro_conditions_block_by_block():
     teacher, student, x_t, t, states, cond = sdxl_kd_problem()
     hooks = stage.FeatureHooks(student, teacher)
-    losses = stage.kd_step(student, teacher, hooks, x_t, t, states, lambda_feat=0.5, added_cond=cond)
+    losses = stage.kd_step(student, teacher, hooks, x_t, t, common.TextCond(states, cond), lambda_feat=0.5)
 
     blocks = ["down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.0", "up_blocks.1", "up_blocks.2"]  # the same names
 
@@ -180,7 +180,7 @@ def test_a_few_sdxl_kd_steps_move_the_student_toward_the_teacher():
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     values = []
     for _ in range(8):
-        losses = stage.kd_step(student, teacher, hooks, x_t, t, states, lambda_feat=1.0, added_cond=cond)
+        losses = stage.kd_step(student, teacher, hooks, x_t, t, common.TextCond(states, cond), lambda_feat=1.0)
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -190,18 +190,21 @@ def test_a_few_sdxl_kd_steps_move_the_student_toward_the_teacher():
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
-def test_sdxl_kd_inputs_share_kd_inputs_draws_and_drop_text_and_pooled_together():
+def test_kd_inputs_of_an_sdxl_teacher_share_the_sd_draws_and_drop_text_and_pooled_together():
     from diffusers import DDPMScheduler
 
     tokenizers, encoders = tiny_sdxl_text()
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     batch = {"latents": torch.randn(200, 4, 8, 8, generator=torch.Generator().manual_seed(3)), "prompt": ["a photo of a cat"] * 200}
-    x_t, t, states, cond = stage.sdxl_kd_inputs(batch, torch.Generator().manual_seed(0), noise_scheduler=scheduler, tokenizers=tokenizers,
-                                                text_encoders=encoders, caption_dropout=0.3, resolution=64, device=torch.device("cpu"))
-    sd_x_t, sd_t, sd_states = stage.kd_inputs(batch, torch.Generator().manual_seed(0), noise_scheduler=scheduler, tokenizer=tokenizers[0],
-                                              text_encoder=encoders[0], caption_dropout=0.3, device=torch.device("cpu"))
+    x_t, t, text = stage.kd_inputs(batch, torch.Generator().manual_seed(0), noise_scheduler=scheduler,
+                                   encode=common.PromptEncoder(tokenizers, encoders, 64), caption_dropout=0.3, device=torch.device("cpu"))
+    states, cond = text.states, text.added
+    sd_x_t, sd_t, sd_text = stage.kd_inputs(batch, torch.Generator().manual_seed(0), noise_scheduler=scheduler,
+                                            encode=common.PromptEncoder(tokenizers[:1], encoders[:1], 64), caption_dropout=0.3,
+                                            device=torch.device("cpu"))
+    sd_states = sd_text.states
     assert torch.equal(x_t, sd_x_t) and torch.equal(t, sd_t)  # the SD path's noise, timesteps and caption dropout
-    (uncond, cond_states), (uncond_pooled, cond_pooled) = (pair.unbind(0) for pair in stage.encode_sdxl_prompts(tokenizers, encoders, ["", "a photo of a cat"]))
+    (uncond, cond_states), (uncond_pooled, cond_pooled) = (pair.unbind(0) for pair in common.encode_sdxl_prompts(tokenizers, encoders, ["", "a photo of a cat"]))
     close = partial(torch.allclose, atol=1e-5)  # a batch of 200 and one of 2 may round differently
     dropped = [close(s, uncond) for s in states]
     assert all(d or close(s, cond_states) for s, d in zip(states, dropped)) and 0.2 < sum(dropped) / 200 < 0.4

@@ -83,9 +83,10 @@ SMOKE_RUN = dict(
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Flags every stage shares. Those whose help ends in "(preset)" default to the --preset's value (parse_args)."""
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", required=True, choices=["smoke", "mini", "paper"],
-                     help="smoke: tiny models, seconds on a CPU (what the tests run); mini: the bundled emoji teacher on a CPU "
-                          "(train/reproduce_mini.py); paper: SD-scale defaults for GPUs. "
+    run.add_argument("--preset", required=True,
+                     help="smoke: tiny models, seconds on a CPU (what the tests run); smoke-sdxl: the same on a tiny SDXL-shaped "
+                          "teacher (SDXS-1024's path); mini: the bundled emoji teacher on a CPU (train/reproduce_mini.py); "
+                          "paper: SD-scale defaults for GPUs (SDXS-512); paper-1024: SDXL-scale defaults (SDXS-1024). "
                           "Every flag showing [preset ...] takes the chosen preset's value unless given.")
     run.add_argument("--output_dir", required=True, help="run folder: checkpoints/, samples/, log.csv, loss_curve.png, final/")
     run.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initialisation (default 0)")
@@ -160,6 +161,7 @@ def parse_args(parser: argparse.ArgumentParser, presets: dict[str, dict], argv: 
     """Parse `argv`; every default a preset names comes from the chosen preset, explicit flags win."""
     keys = set(presets["smoke"])
     assert all(set(p) == keys for p in presets.values()), "every preset must set the same keys"
+    next(a for a in parser._actions if a.dest == "preset").choices = list(presets)  # each stage has its own
     for action in parser._actions:  # show each preset's value in --help
         if action.dest in keys:
             shown = "; ".join(f"{name}: {_flag_text(preset[action.dest])}" for name, preset in presets.items())
@@ -203,26 +205,37 @@ def quiet_libraries() -> None:
 
 def resolve_teacher(teacher: str | None, preset: str, output_dir: Path, accelerator) -> str:
     """--teacher, or without one: under --preset smoke a tiny random SD-style teacher built once in
-    OUTPUT_DIR/tiny-teacher (train/tiny_teacher.py), under --preset mini the bundled models/emoji-teacher."""
+    OUTPUT_DIR/tiny-teacher (train/tiny_teacher.py), under smoke-sdxl a tiny SDXL-shaped one in
+    OUTPUT_DIR/tiny-sdxl-teacher, under --preset mini the bundled models/emoji-teacher."""
     if teacher:
         return teacher
     if preset == "mini":
         return str(EMOJI_TEACHER)
-    if preset != "smoke":
+    if preset == "paper-1024":
+        raise SystemExit("--teacher is required with --preset paper-1024: SDXL base (stabilityai/stable-diffusion-xl-base-1.0) "
+                         "or a folder of an SDXL-family pipeline in diffusers layout.")
+    if not is_smoke(preset):
         raise SystemExit("--teacher is required with --preset paper: a hub id or diffusers folder of an SD-style pipeline, "
                          "e.g. Lykon/dreamshaper-8 (SD-1.5 family) or an SD-2.1-base folder.")
     from train.tiny_teacher import ensure_tiny_teacher
 
-    dest = Path(output_dir) / "tiny-teacher"
+    family = "sdxl" if preset == "smoke-sdxl" else "sd"
+    dest = Path(output_dir) / ("tiny-sdxl-teacher" if family == "sdxl" else "tiny-teacher")
     if accelerator.is_main_process:
-        ensure_tiny_teacher(dest)
+        ensure_tiny_teacher(dest, family=family)
     accelerator.wait_for_everyone()
     return str(dest)
 
 
+def is_smoke(preset: str) -> bool:
+    """The smoke presets (smoke, smoke-sdxl): tiny random models and the built-in prompts."""
+    return preset.startswith("smoke")
+
+
 @dataclass
 class Teacher:
-    """The frozen parts of an SD-style teacher pipeline."""
+    """The frozen parts of a teacher pipeline: SD-style, or SDXL-family with a second tokenizer and
+    text encoder (tokenizer_2/, text_encoder_2/: CLIPTextModelWithProjection, the pooled embedding)."""
 
     root: Path
     tokenizer: object
@@ -230,6 +243,102 @@ class Teacher:
     unet: torch.nn.Module | None
     vae: torch.nn.Module  # AutoencoderKL, always fp32 (SD VAEs overflow in fp16)
     scheduler_config: dict
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+    zeros_for_empty_prompt: bool = False  # model_index.json's force_zeros_for_empty_prompt (SDXL base: true)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+
+    def prompt_encoder(self, image_size: int) -> "PromptEncoder":
+        """Prompts -> what this teacher's U-Net reads, for images of image_size x image_size pixels."""
+        if self.is_sdxl:
+            return PromptEncoder((self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2), image_size,
+                                 self.zeros_for_empty_prompt)
+        return PromptEncoder((self.tokenizer,), (self.text_encoder,), image_size)
+
+
+@dataclass
+class TextCond:
+    """What a U-Net reads of a batch of prompts. SD: the text states (B, 77, D). SDXL: both encoders'
+    states concatenated, plus `added` = {text_embeds: the pooled embedding (B, P), time_ids: the size and
+    crop micro-conditioning (B, 6)}, which its U-Net takes as added_cond_kwargs. Indexing, expand, cat and
+    to() act on every part at once, so no code path can pair one sample's text with another's pooled embedding."""
+
+    states: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @property
+    def device(self) -> torch.device:
+        return self.states.device
+
+    def unet_kwargs(self) -> dict:
+        return {"encoder_hidden_states": self.states, **({"added_cond_kwargs": self.added} if self.added is not None else {})}
+
+    def _map(self, fn) -> "TextCond":
+        return TextCond(fn(self.states), None if self.added is None else {k: fn(v) for k, v in self.added.items()})
+
+    def __getitem__(self, index) -> "TextCond":
+        """Rows: an int gives that row as a batch of one; a slice, index tensor or boolean mask selects rows."""
+        if isinstance(index, int):
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"row {index} of a batch of {len(self)}")
+            index = slice(index, index + 1 if index != -1 else None)
+        return self._map(lambda x: x[index])
+
+    def expand(self, n: int) -> "TextCond":
+        """A batch of one as a batch of n (the unconditional prompt of a batch)."""
+        if len(self) != 1:
+            raise ValueError(f"expand takes a batch of one, not {len(self)}")
+        return self._map(lambda x: x.expand(n, *x.shape[1:]))
+
+    def to(self, *args, **kwargs) -> "TextCond":
+        return self._map(lambda x: x.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(conds: list["TextCond"]) -> "TextCond":
+        added = None if conds[0].added is None else {k: torch.cat([c.added[k] for c in conds]) for k in conds[0].added}
+        return TextCond(torch.cat([c.states for c in conds]), added)
+
+
+def as_cond(cond: "TextCond | torch.Tensor") -> TextCond:
+    """A TextCond as it is; a bare tensor is SD text states."""
+    return cond if isinstance(cond, TextCond) else TextCond(cond)
+
+
+@dataclass
+class PromptEncoder:
+    """Prompts -> TextCond, as the teacher's pipeline conditions its U-Net. SD: encode_prompts. SDXL (two
+    encoders): encode_sdxl_prompts, plus the micro-conditioning of an uncropped image_size x image_size
+    image (sdxl_added_cond: training latents are whole images at that size, as the engine generates)."""
+
+    tokenizers: tuple
+    text_encoders: tuple
+    image_size: int
+    zeros_for_empty: bool = False
+
+    def __call__(self, prompts: list[str]) -> TextCond:
+        if len(self.text_encoders) == 1:
+            return TextCond(encode_prompts(self.tokenizers[0], self.text_encoders[0], prompts))
+        states, pooled = encode_sdxl_prompts(self.tokenizers, self.text_encoders, prompts)
+        size = (self.image_size, self.image_size)
+        return TextCond(states, sdxl_added_cond(pooled, size, size))
+
+    def unconditional(self) -> TextCond:
+        """Classifier-free guidance's negative, a batch of one: the encoded empty prompt, or for SDXL base
+        (force_zeros_for_empty_prompt) all-zero text states and pooled embedding, as StableDiffusionXLPipeline."""
+        cond = self([""])
+        if self.zeros_for_empty:
+            cond = TextCond(torch.zeros_like(cond.states), {**cond.added, "text_embeds": torch.zeros_like(cond.added["text_embeds"])})
+        return cond
 
 
 def resolve_model(model: str, flag: str, *, subfolders_with_weights: tuple[str, ...] = ()) -> Path:
@@ -264,24 +373,27 @@ def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: 
     The folder is found by sdxs.loading.resolve_model_dir (the project's loader: HF cache, HF_HOME and
     HF_HUB_OFFLINE respected); each part is read with diffusers/transformers from_pretrained. A pipeline
     in the SDXS layout (tiny vae/ + vae_large/) works too: its AutoencoderKL is taken from vae_large/.
+    An SDXL-family pipeline (text_encoder_2/) brings its second tokenizer and text encoder.
     `flag` is the script's flag that named the model, for the error messages.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = resolve_model(model, flag, subfolders_with_weights=("unet", "text_encoder", "vae"))
     missing = [sub for sub in ("tokenizer", "text_encoder", "scheduler", "vae", *(["unet"] if unet else [])) if not (root / sub).is_dir()]
+    sdxl = (root / "text_encoder_2").is_dir()
+    if sdxl and not (root / "tokenizer_2").is_dir():
+        missing.append("tokenizer_2 (it has text_encoder_2/)")
     if missing:
         raise SystemExit(f"{flag} {model} ({root}) is not a pipeline folder in diffusers layout: missing {', '.join(missing)}.")
-    if unet and json.loads((root / "unet" / "config.json").read_text()).get("addition_embed_type") == "text_time":
-        # Stage B has SDXL's recipe (train/distill_unet.py), but no stage's data path encodes with two
-        # text encoders and SDXL's added conditioning yet: say so here, not at the first U-Net call.
-        raise SystemExit(f"{flag} {model} is an SDXL-family pipeline (its U-Net takes text_time conditioning); the U-Net stages "
-                         "do not train SDXL teachers yet (train/README.md, \"SDXS-1024's U-Net\"). Use an SD-1.x/SD-2.x teacher.")
+    if unet and not sdxl and json.loads((root / "unet" / "config.json").read_text()).get("addition_embed_type") == "text_time":
+        raise SystemExit(f"{flag} {model}: its U-Net takes SDXL's text_time conditioning, but the folder has no text_encoder_2/ "
+                         "and tokenizer_2/ to make it; give the whole SDXL pipeline folder.")
     vae_dir = root / "vae_large" if (root / "vae_large").is_dir() else root / "vae"
     vae_class = json.loads((vae_dir / "config.json").read_text()).get("_class_name")
     if vae_class != "AutoencoderKL":
         raise SystemExit(f"{flag} {model}: {vae_dir} holds a {vae_class}; the teacher's decoder must be an AutoencoderKL.")
+    index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
     teacher = Teacher(
         root=root,
         tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
@@ -289,8 +401,11 @@ def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: 
         unet=UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype) if unet else None,
         vae=AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32),
         scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
+        tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2") if sdxl else None,
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", torch_dtype=dtype) if sdxl else None,
+        zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)) if sdxl else False,
     )
-    for module in (teacher.text_encoder, teacher.unet, teacher.vae):
+    for module in (*teacher.text_encoders, teacher.unet, teacher.vae):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
     return teacher
@@ -304,20 +419,46 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_latents(unet, scheduler_config: dict, cond: torch.Tensor, uncond: torch.Tensor | None, noise: torch.Tensor,
-                   steps: int, guidance_scale: float) -> torch.Tensor:
+def encode_sdxl_prompts(tokenizers, text_encoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text conditions as SDXL conditions on them (diffusers' StableDiffusionXLPipeline.encode_prompt):
+    each encoder's penultimate hidden state over the padded 77 tokens, concatenated (768 + 1280 = 2048 for
+    CLIP-L + OpenCLIP-bigG), and the pooled, projected embedding of the last encoder
+    (CLIPTextModelWithProjection's text_embeds). Returns (states, pooled)."""
+    states, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's: its projected pooled embedding
+    if pooled is None or pooled.ndim != 2:
+        raise ValueError("the last SDXL text encoder must return a pooled embedding (a CLIPTextModelWithProjection, text_encoder_2/)")
+    return torch.cat(states, dim=-1), pooled
+
+
+def sdxl_added_cond(pooled: torch.Tensor, original_size: tuple[int, int], target_size: tuple[int, int],
+                    crop_top_left: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning for the text_time added embedding, as the SDXL pipeline builds it:
+    text_embeds = the pooled embedding, time_ids = (original h, w, crop top, left, target h, w) per sample."""
+    time_ids = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=pooled.dtype, device=pooled.device)
+    return {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)}
+
+
+@torch.no_grad()
+def sample_latents(unet, scheduler_config: dict, cond: TextCond | torch.Tensor, uncond: TextCond | torch.Tensor | None,
+                   noise: torch.Tensor, steps: int, guidance_scale: float) -> torch.Tensor:
     """The teacher's multi-step sampler: DPM-Solver++(2M) on the teacher's noise schedule, with
-    classifier-free guidance when guidance_scale > 1. Returns clean latents in U-Net space (scaled)."""
+    classifier-free guidance when guidance_scale > 1. cond/uncond: TextCond (or SD text states), one row
+    per noise. Returns clean latents in U-Net space (scaled)."""
     from diffusers import DPMSolverMultistepScheduler
 
     scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps, device=noise.device)
     latents = noise * scheduler.init_noise_sigma
     guided = guidance_scale > 1 and uncond is not None
-    states = torch.cat([uncond, cond]) if guided else cond
+    conditions = TextCond.cat([as_cond(uncond), as_cond(cond)]) if guided else as_cond(cond)
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-        eps = unet(x.to(unet.dtype), t, encoder_hidden_states=states).sample.float()
+        eps = unet(x.to(unet.dtype), t, **conditions.unet_kwargs()).sample.float()
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -664,15 +805,15 @@ def build_latent_cache(teacher: Teacher, source: Source, folder: Path, *, resolu
     device, sf, side = accelerator.device, teacher.vae.config.scaling_factor, resolution // vae_factor(teacher.vae.config)
     todo = [i for i in range(len(source.prompts)) if i % accelerator.num_processes == accelerator.process_index
             and not (folder / f"{i:07d}.pt").is_file()]
-    uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""]) if source.mode == "sample" else None
+    encode = teacher.prompt_encoder(resolution)
+    uncond = encode.unconditional() if source.mode == "sample" else None
     for start in tqdm(range(0, len(todo), batch_size), desc="teacher cache", disable=not todo or not accelerator.is_local_main_process):
         ids = todo[start : start + batch_size]
         prompts = [source.prompts[i] for i in ids]
         with torch.no_grad():
             if source.mode == "sample":
                 noise = torch.cat([_sample_noise((1, 4, side, side), seed, i) for i in ids]).to(device)
-                cond = encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
-                latents = sample_latents(teacher.unet, teacher.scheduler_config, cond, uncond.expand(len(ids), -1, -1),
+                latents = sample_latents(teacher.unet, teacher.scheduler_config, encode(prompts), uncond.expand(len(ids)),
                                          noise, sampler_steps, guidance_scale)
             else:
                 pixels = torch.stack([load_image(source.images[i], resolution) for i in ids]).to(device)
@@ -1224,9 +1365,10 @@ def save_sdxs_pipeline(dest: Path, base_root: Path, *, unet=None, tiny_vae=None,
     encoder, tokenizer and (unless given) U-Net of `base_root`; vae/ the tiny decoder (given, or the
     base's own AutoencoderTiny) with the base's AutoencoderKL in vae_large/, or vae/ the AutoencoderKL
     when there is no tiny decoder; scheduler/ DEIS on the base's betas (one step lands on t=999);
-    controlnet/ when one is given (stage D). `python -m sdxs generate --model DEST` loads it."""
+    controlnet/ when one is given (stage D). An SDXL-family base also gives text_encoder_2/ and
+    tokenizer_2/ (StableDiffusionXLPipeline's layout). `python -m sdxs generate --model DEST` loads it."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from sdxs.build import save_pipeline_folder
 
@@ -1249,8 +1391,11 @@ def save_sdxs_pipeline(dest: Path, base_root: Path, *, unet=None, tiny_vae=None,
         components["vae"] = kl
     if controlnet is not None:
         components["controlnet"] = controlnet
+    sdxl = (base_root / "text_encoder_2").is_dir()
+    if sdxl:
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(base_root / "text_encoder_2")
     with atomic_dir(dest) as tmp:
-        save_pipeline_folder(components, base_root / "tokenizer", tmp)
+        save_pipeline_folder(components, base_root / "tokenizer", tmp, tokenizer_2_dir=base_root / "tokenizer_2" if sdxl else None)
     return Path(dest)
 
 

@@ -37,6 +37,7 @@ import copy
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -301,9 +302,9 @@ def controlled_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tok
                       kind: str, depth_estimator, device: torch.device) -> tuple[torch.Tensor, ...]:
     """What one micro-batch of modes teacher and distill feeds its step: stage B's (x_t, t, text states,
     noise) of the cached latents, and each sample's control extracted from its OWN cached image."""
-    x_t, t, states, noise = stage_b.kd_inputs(batch, gen, noise_scheduler=noise_scheduler, tokenizer=tokenizer,
-                                              text_encoder=text_encoder, caption_dropout=caption_dropout, device=device,
-                                              return_noise=True)
+    x_t, t, states, noise = stage_b.kd_inputs(batch, gen, noise_scheduler=noise_scheduler,
+                                              encode=partial(common.encode_prompts, tokenizer, text_encoder),
+                                              caption_dropout=caption_dropout, device=device, return_noise=True)
     return x_t, t, states, noise, image_controls(batch["image"].to(device), kind, depth_estimator)
 
 
@@ -406,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     # --- teacher, ControlNets, U-Nets, data --------------------------------------------------------------
     tiny_dir = common.resolve_model(args.tiny_decoder, "--tiny_decoder", subfolders_with_weights=("",)) if args.tiny_decoder else None
     teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
+    if (common.resolve_model(teacher_id, "--teacher") / "text_encoder_2").is_dir():  # before loading GBs of it
+        raise SystemExit(f"error: --teacher {teacher_id} is an SDXL-family pipeline; the ControlNet stage trains SD-1.x/SD-2.x "
+                         "teachers only (SDXS-1024 has no sketch ControlNet: train/README.md, \"SDXS-1024\"). Use an SD-style teacher.")
     teacher = common.load_teacher(teacher_id, device, torch.float32)
     factor = common.vae_factor(teacher.vae.config)
     depth_estimator = None
@@ -445,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.resolution}x{args.resolution}.", file=sys.stderr)
 
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, args.latents if mode != "one_step" else None,
-                                 args.num_samples, common.SMOKE_PROMPTS if args.preset == "smoke" else None,
+                                 args.num_samples, common.SMOKE_PROMPTS if common.is_smoke(args.preset) else None,
                                  max_bad_fraction=args.max_bad_fraction)
     if main_process and source.report is not None:
         common.write_data_report(output_dir, {"data": source.report})

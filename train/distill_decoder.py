@@ -3,6 +3,9 @@
 
 Tiny run on a CPU (seconds; builds a tiny random teacher in OUT/tiny-teacher):
     python train/distill_decoder.py --preset smoke --output_dir outputs/decoder-smoke
+The same for SDXL's latent space (a tiny SDXL-shaped teacher in OUT/tiny-sdxl-teacher; its latents
+come from its sampler with SDXL's conditioning):
+    python train/distill_decoder.py --preset smoke-sdxl --output_dir outputs/decoder-smoke-sdxl
 Paper scale, 8 GPUs (see train/README.md):
     accelerate launch --multi_gpu --num_processes 8 train/distill_decoder.py --preset paper \\
         --teacher Lykon/dreamshaper-8 --prompts prompts.txt --output_dir outputs/decoder
@@ -69,6 +72,13 @@ PRESETS = {
         disc_channels=64, disc_layers=3, disc_lr=1e-4,  # [ours]
     ),
 }
+PRESETS["smoke-sdxl"] = PRESETS["smoke"]  # the same run on the tiny SDXL-shaped teacher's latent space
+PRESETS["paper-1024"] = dict(  # a TAESDXL-shaped decoder for SDXL's latent space (--teacher stabilityai/stable-diffusion-xl-base-1.0)
+    PRESETS["paper"],
+    resolution=1024,  # [paper] SDXS-1024
+    guidance_scale=5.0,  # [ours] SDXL base's own CFG scale
+    batch_size=4,  # [ours] x 8 GPUs = 32 images of 1024^2 per step
+)
 LOSSES = ["loss", "loss_l1", "loss_gan_g", "loss_d", "loss_enc"]
 
 
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{','.join(map(str, args.decoder_blocks))} and --encoder_blocks {','.join(map(str, args.encoder_blocks))}. "
                          f"Give e.g. --decoder_blocks {','.join(['3'] * (stages - 1) + ['1'])} --encoder_blocks {','.join(['1'] + ['3'] * (stages - 1))}.")
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, args.latents, args.num_samples,
-                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None, max_bad_fraction=args.max_bad_fraction)
+                                 common.SMOKE_PROMPTS if common.is_smoke(args.preset) else None, max_bad_fraction=args.max_bad_fraction)
     cache = common.cache_folder(args.cache_dir or output_dir / "cache", teacher_root, source, resolution=args.resolution,
                                 sampler_steps=args.sampler_steps, guidance_scale=args.guidance_scale, with_images=True, seed=args.seed)
     if not common.cache_is_complete(cache):

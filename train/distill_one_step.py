@@ -5,6 +5,9 @@ Tiny run on a CPU (seconds; builds a tiny random teacher in OUT/tiny-teacher and
 from it with stage B's recipe):
     python train/distill_one_step.py --preset smoke --output_dir outputs/one-step-smoke
     python -m sdxs generate --model outputs/one-step-smoke/final --decoder large --prompt cat --width 64 --height 64
+The same on a tiny SDXL-shaped teacher (SDXS-1024's path; SDXL conditioning: two text encoders, the
+pooled embedding and the size ids of a RESOLUTION^2 image, common.PromptEncoder):
+    python train/distill_one_step.py --preset smoke-sdxl --output_dir outputs/one-step-smoke-sdxl
 Paper scale, 8 GPUs (see train/README.md):
     accelerate launch --multi_gpu --num_processes 8 train/distill_one_step.py --preset paper \\
         --teacher Lykon/dreamshaper-8 --student outputs/unet/final --prompts prompts.txt --output_dir outputs/one-step
@@ -95,6 +98,13 @@ PRESETS = {
         schedule_steps=10_000,  # [ours] linear decay after the warm-up
     ),
 }
+PRESETS["smoke-sdxl"] = PRESETS["smoke"]  # the same run; resolve_teacher builds the tiny SDXL-shaped teacher
+PRESETS["paper-1024"] = dict(  # SDXS-1024: --teacher stabilityai/stable-diffusion-xl-base-1.0, --student stage B's paper-1024 final
+    PRESETS["paper"],
+    resolution=1024,  # [paper] SDXS-1024
+    batch_size=4, grad_accum=32,  # [ours] the same global batch 1024 = 4 x 32 x 8 GPUs
+    real_guidance=5.0,  # [ours] SDXL base's own CFG scale for the offline score
+)
 LOSSES = ["loss", "loss_fm", "loss_sd", "loss_online"]
 PSI_SCHEDULERS = {"dpmsolver++": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler", "euler": "EulerDiscreteScheduler",
                   "ddim": "DDIMScheduler"}
@@ -125,14 +135,16 @@ def one_step_coefficients(scheduler_config: dict) -> tuple[float, float, int]:
     return probe(1.0, 0.0), -probe(0.0, 1.0), int(engine_scheduler(config).timesteps[0])
 
 
-def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, control: torch.Tensor | None = None) -> torch.Tensor:
-    """eps of a U-Net; with `control` (control images of the same samples, stage D) `unet` is a U-Net with
-    its ControlNet attached (train/distill_controlnet.py ControlledUNet), which takes them as `control`."""
+def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, states: common.TextCond | torch.Tensor,
+             control: torch.Tensor | None = None) -> torch.Tensor:
+    """eps of a U-Net conditioned on `states` (common.TextCond: for SDXL also the pooled embedding and size
+    ids; a bare tensor is SD text states); with `control` (control images of the same samples, stage D) `unet`
+    is a U-Net with its ControlNet attached (train/distill_controlnet.py ControlledUNet), which takes them as `control`."""
     kwargs = {} if control is None else {"control": control}
-    return unet(x, t, encoder_hidden_states=states, **kwargs).sample
+    return unet(x, t, **common.as_cond(states).unet_kwargs(), **kwargs).sample
 
 
-def one_step_generate(unet, noise: torch.Tensor, states: torch.Tensor, coefficients: tuple[float, float, int],
+def one_step_generate(unet, noise: torch.Tensor, states: common.TextCond | torch.Tensor, coefficients: tuple[float, float, int],
                       control: torch.Tensor | None = None) -> torch.Tensor:
     """The student as a one-step generator, exactly what the `sdxs` engine computes: x0 = a*z - b*eps(z, T)
     with (a, b, T) = one_step_coefficients(...) (about (z - sqrt(1 - abar_T) eps) / sqrt(abar_T), T = 999).
@@ -156,7 +168,8 @@ def make_psi_scheduler(name: str, scheduler_config: dict):
 
 
 @torch.no_grad()
-def psi_sample(unet, scheduler, steps: int, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+def psi_sample(unet, scheduler, steps: int, noise: torch.Tensor, cond: common.TextCond | torch.Tensor,
+               uncond: common.TextCond | torch.Tensor | None,
                guidance_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """psi(eps) of Eq. 10: the teacher's few-step ODE sampler from the noise `noise` (the student's own),
     classifier-free guided when guidance_scale > 1. Returns clean latents in U-Net space."""
@@ -167,10 +180,10 @@ def psi_sample(unet, scheduler, steps: int, noise: torch.Tensor, cond: torch.Ten
                          f"{int(scheduler.timesteps[0])}.")
     latents = noise * scheduler.init_noise_sigma
     guided = guidance_scale > 1 and uncond is not None
-    states = torch.cat([uncond, cond]) if guided else cond
+    states = common.TextCond.cat([common.as_cond(uncond), common.as_cond(cond)]) if guided else common.as_cond(cond)
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-        eps = unet(x.to(unet.dtype), t, encoder_hidden_states=states).sample.float()
+        eps = unet(x.to(unet.dtype), t, **states.unet_kwargs()).sample.float()
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -183,11 +196,12 @@ def pair_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
-def build_pair_cache(teacher_unet, tokenizer, text_encoder, scheduler_config: dict, prompts: list[str], folder: Path, *,
+def build_pair_cache(teacher_unet, encode, scheduler_config: dict, prompts: list[str], folder: Path, *,
                      psi_scheduler: str, steps: int, guidance_scale: float, side: int, seed: int, batch_size: int,
                      accelerator) -> Path:
     """Cache the (noise, psi(noise)) pairs, one .pt file per prompt {"noise", "latents": fp32 (4, side, side),
-    "prompt"}; written file by file atomically and sharded over processes; meta.json marks it complete."""
+    "prompt"}; written file by file atomically and sharded over processes; meta.json marks it complete.
+    `encode`: the teacher's common.PromptEncoder (its unconditional() is CFG's negative)."""
     folder = Path(folder)
     if (folder / "meta.json").is_file():
         return folder
@@ -195,13 +209,13 @@ def build_pair_cache(teacher_unet, tokenizer, text_encoder, scheduler_config: di
     device = accelerator.device
     todo = [i for i in range(len(prompts)) if i % accelerator.num_processes == accelerator.process_index
             and not (folder / f"{i:07d}.pt").is_file()]
-    uncond = common.encode_prompts(tokenizer, text_encoder, [""])
+    uncond = encode.unconditional()
     for start in range(0, len(todo), batch_size):
         ids = todo[start : start + batch_size]
         noise = torch.cat([pair_noise((1, 4, side, side), seed, i) for i in ids]).to(device)
-        cond = common.encode_prompts(tokenizer, text_encoder, [prompts[i] for i in ids])
+        cond = encode([prompts[i] for i in ids])
         latents = psi_sample(teacher_unet, make_psi_scheduler(psi_scheduler, scheduler_config), steps, noise, cond,
-                             uncond.expand(len(ids), -1, -1), guidance_scale, torch.Generator().manual_seed(seed + ids[0]))
+                             uncond.expand(len(ids)), guidance_scale, torch.Generator().manual_seed(seed + ids[0]))
         for k, i in enumerate(ids):
             item = {"noise": noise[k].float().cpu(), "latents": latents[k].float().cpu(), "prompt": prompts[i]}
             torch.save(item, folder / f".{i:07d}.tmp")
@@ -247,26 +261,30 @@ def parse_list(text: str, kind=float) -> list:
 class UNetEncoder(torch.nn.Module):
     """The diffusion U-Net's own encoder as f_l of Eq. 10: the output of each down stage, read before
     its downsampler (the stage's own resolution), of the frozen teacher U-Net run on the latents as
-    they are at a fixed small timestep `timestep`, conditioned on the prompt. Works on latents: no
+    they are at a fixed small timestep `timestep`, conditioned on the prompt (an SDXL U-Net's timestep
+    embedding also takes the pooled embedding and size ids, as in its forward). Works on latents: no
     decoder and no download. Stops after the deepest layer asked for."""
 
     def __init__(self, unet, layers: list[int], timestep: int):
         super().__init__()
-        if unet.config.get("class_embed_type") or unet.config.get("addition_embed_type"):
-            raise ValueError("--fm_encoder unet supports SD-style U-Nets (no class/addition embeddings).")
+        if unet.config.get("class_embed_type") or unet.config.get("addition_embed_type") not in (None, "text_time"):
+            raise ValueError("--fm_encoder unet supports SD-style and SDXL-style U-Nets (no class embeddings, no added "
+                             "embeddings but SDXL's text_time).")
         if max(layers) >= len(unet.down_blocks):
             raise ValueError(f"--fm_layers {layers}: the U-Net has {len(unet.down_blocks)} down stages (0..{len(unet.down_blocks) - 1}).")
         self.unet, self.layers, self.timestep = unet, layers, timestep
 
-    def forward(self, latents: torch.Tensor, states: torch.Tensor) -> list[torch.Tensor]:
-        unet = self.unet
+    def forward(self, latents: torch.Tensor, cond: common.TextCond | torch.Tensor) -> list[torch.Tensor]:
+        unet, cond = self.unet, common.as_cond(cond)
         x = latents.to(unet.dtype)
         t = torch.full((len(x),), self.timestep, device=x.device, dtype=torch.long)
         emb = unet.time_embedding(unet.time_proj(t).to(x.dtype))
+        if cond.added is not None:  # SDXL: + add_embedding(pooled, size ids), as UNet2DConditionModel.forward
+            emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.states, added_cond_kwargs=cond.added)
         h, features = unet.conv_in(x), {}
         for i, block in enumerate(unet.down_blocks[: max(self.layers) + 1]):
             if getattr(block, "has_cross_attention", False):
-                h, states_out = block(h, temb=emb, encoder_hidden_states=states.to(x.dtype))
+                h, states_out = block(h, temb=emb, encoder_hidden_states=cond.states.to(x.dtype))
             else:
                 h, states_out = block(h, temb=emb)
             features[i] = states_out[-2] if block.downsamplers is not None else h
@@ -477,7 +495,7 @@ class StepSettings:
     latent_shape: tuple[int, int, int]  # (C, H, W) of the student's noise
     abar: torch.Tensor  # the teacher's alphas_cumprod (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n), on the device
     coefficients: tuple[float, float, int]  # the one-step generator's (a, b, T_last): one_step_coefficients
-    uncond: torch.Tensor  # text states of "" (CFG of the offline eps)
+    uncond: common.TextCond | torch.Tensor  # the conditions of "" (CFG of the offline eps; PromptEncoder.unconditional)
     weight_dtype: torch.dtype  # the dtype frozen parts run in (--mixed_precision)
     real_guidance: float
     sd_weighting: str
@@ -490,7 +508,7 @@ class StepSettings:
     lambda_fm: tuple[float, float]  # (start, end)
 
 
-def step_settings(args: argparse.Namespace, scheduler_config: dict, *, uncond: torch.Tensor, device: torch.device,
+def step_settings(args: argparse.Namespace, scheduler_config: dict, *, uncond: common.TextCond | torch.Tensor, device: torch.device,
                   vae_factor: int = 8) -> StepSettings:
     """The StepSettings of a run: its flags, and the teacher's noise schedule from its SCHEDULER config
     (T included: a U-Net config has no num_train_timesteps; 1000 is diffusers' default when it is unset).
@@ -544,12 +562,13 @@ class Models:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch of pairs: the noise eps, its psi(eps) (latents, U-Net space) and the prompts' text states;
-    in stage D also the control images extracted from psi(eps)'s images (the triplet's third part)."""
+    """One micro-batch of pairs: the noise eps, its psi(eps) (latents, U-Net space) and the prompts' text
+    conditions (common.TextCond, or SD text states); in stage D also the control images extracted from
+    psi(eps)'s images (the triplet's third part)."""
 
     noise: torch.Tensor
     target: torch.Tensor
-    states: torch.Tensor
+    states: common.TextCond | torch.Tensor
     control: torch.Tensor | None = None
 
 
@@ -573,14 +592,14 @@ class Psi:
     scheduler_config: dict
     steps: int
     guidance_scale: float
-    uncond: torch.Tensor  # text states of ""
+    uncond: common.TextCond | torch.Tensor  # the conditions of "" (PromptEncoder.unconditional)
 
-    def __call__(self, noise: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, noise: torch.Tensor, cond: common.TextCond | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return psi_sample(self.unet, make_psi_scheduler(self.scheduler, self.scheduler_config), self.steps, noise, cond,
-                          self.uncond.expand(len(noise), -1, -1), self.guidance_scale, generator)
+                          common.as_cond(self.uncond).expand(len(noise)), self.guidance_scale, generator)
 
 
-def training_pairs(batch: dict, states: torch.Tensor, gen: torch.Generator, s: StepSettings, psi: Psi | None) -> MicroBatch:
+def training_pairs(batch: dict, states: common.TextCond | torch.Tensor, gen: torch.Generator, s: StepSettings, psi: Psi | None) -> MicroBatch:
     """A loader batch as (eps, psi(eps), states): cached pairs (--pairs cache), or step-seeded noise
     sampled by psi now (--pairs online)."""
     device = states.device
@@ -602,7 +621,7 @@ def noisy(abar: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Te
 
 
 @torch.no_grad()
-def offline_eps(unet, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, uncond: torch.Tensor,
+def offline_eps(unet, x_t: torch.Tensor, t: torch.Tensor, states: common.TextCond | torch.Tensor, uncond: common.TextCond | torch.Tensor,
                 real_guidance: float, control: torch.Tensor | None = None) -> torch.Tensor:
     """eps of the offline (teacher) DM, s_offline = -eps/sigma_t in Eq. 11, classifier-free guided by
     --real_guidance [DMD2]: eps_u + g (eps_c - eps_u). The online DM's eps is never guided. With a ControlNet
@@ -611,12 +630,12 @@ def offline_eps(unet, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, 
     if real_guidance > 1:
         both = None if control is None else torch.cat([control, control])
         eps_u, eps_c = unet_eps(unet, torch.cat([x, x]), torch.cat([t, t]),
-                                torch.cat([uncond.expand(len(x), -1, -1), states]), both).float().chunk(2)
+                                common.TextCond.cat([common.as_cond(uncond).expand(len(x)), common.as_cond(states)]), both).float().chunk(2)
         return eps_u + real_guidance * (eps_c - eps_u)
     return unet_eps(unet, x, t, states, control).float()
 
 
-def online_update(models: Models, s: StepSettings, micro_states: list[torch.Tensor], gen: torch.Generator, *, step: int,
+def online_update(models: Models, s: StepSettings, micro_states: list[common.TextCond | torch.Tensor], gen: torch.Generator, *, step: int,
                   accelerator, guard: common.FiniteGuard, micro_controls: list[torch.Tensor | None] | None = None) -> UpdateInfo:
     """One update of the online DM (Alg. 1; s_online of Eq. 11): the standard denoising loss
     ||eps_online(x_t, t) - n||^2 on the student's CURRENT one-step samples x0 = G(z), z fresh noise,
@@ -646,7 +665,7 @@ def online_update(models: Models, s: StepSettings, micro_states: list[torch.Tens
     return UpdateInfo(losses, stepped, {key: torch.cat(values) for key, values in fed.items()})
 
 
-def fm_loss(encoder, x0: torch.Tensor, target: torch.Tensor, states: torch.Tensor, s: StepSettings) -> torch.Tensor:
+def fm_loss(encoder, x0: torch.Tensor, target: torch.Tensor, states: common.TextCond | torch.Tensor, s: StepSettings) -> torch.Tensor:
     """Eq. 10 per sample: sum_l w_l (1 - SSIM(f_l(G(eps)), f_l(psi(eps)))); the target's features carry no gradient."""
     with torch.no_grad():
         target_features = encoder(target, states)
@@ -654,7 +673,7 @@ def fm_loss(encoder, x0: torch.Tensor, target: torch.Tensor, states: torch.Tenso
 
 
 def score_distillation_loss(online, offline, s: StepSettings, x0: torch.Tensor, n: torch.Tensor, t: torch.Tensor,
-                            states: torch.Tensor, control: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            states: common.TextCond | torch.Tensor, control: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 11 for the student's samples x0 in the segment t <= alpha*T: x_t = alpha_t x0 + sigma_t n, and a
     surrogate whose gradient on x_t is w(t) (s_online(x_t) - s_offline(x_t)), summed over the samples,
     averaged over each sample's elements (as DMD2's 0.5*MSE). Returns (loss, |w g| per element).
@@ -809,7 +828,7 @@ def validate(parser, args) -> None:
         parser.error(f"--online_updates_per_step must be at least 1; got {args.online_updates_per_step}.")
     if args.latents == "encode":
         parser.error("stage C samples its pairs from prompts: --latents encode does not apply.")
-    if args.student is None and args.preset != "smoke":
+    if args.student is None and not common.is_smoke(args.preset):
         parser.error("--student is required with --preset paper: stage B's OUTPUT_DIR/final (a pipeline folder with unet/).")
 
 
@@ -847,7 +866,7 @@ def pair_dataset(args, psi: Psi, psi_root: Path, teacher: common.Teacher, source
                 "resolution": args.resolution, "seed": args.seed}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(args.cache_dir or output_dir / "cache") / f"pairs-{digest}"
-    build_pair_cache(psi.unet, teacher.tokenizer, teacher.text_encoder, psi.scheduler_config, source.prompts, folder,
+    build_pair_cache(psi.unet, teacher.prompt_encoder(args.resolution), psi.scheduler_config, source.prompts, folder,
                      psi_scheduler=psi.scheduler, steps=psi.steps, guidance_scale=psi.guidance_scale,
                      side=args.resolution // common.vae_factor(teacher.vae.config), seed=args.seed, batch_size=args.cache_batch_size, accelerator=accelerator)
     return Pairs(folder=folder)
@@ -876,8 +895,10 @@ def main(argv: list[str] | None = None) -> int:
     online = copy.deepcopy(teacher.unet).requires_grad_(True).train()  # Eq. 11: initialised from the offline DM
     dtype = common.weight_dtype(args.mixed_precision)
     teacher.unet.to(dtype)
-    teacher.text_encoder.to(dtype)
-    uncond = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, [""])
+    for text_encoder in teacher.text_encoders:
+        text_encoder.to(dtype)
+    states_of = teacher.prompt_encoder(args.resolution)  # SD: text states; SDXL: + pooled embedding and size ids
+    uncond = states_of.unconditional()
     psi = Psi(teacher.unet, args.psi_scheduler, teacher.scheduler_config, args.sampler_steps, args.guidance_scale, uncond)
     psi_root = teacher.root
     if args.psi_teacher:
@@ -890,14 +911,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Student U-Net {sum(p.numel() for p in student.parameters()):,} parameters (from {student_root}); online "
               f"U-Net {sum(p.numel() for p in online.parameters()):,} (= the offline teacher's).", file=sys.stderr)
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, None, args.num_samples,
-                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None, max_bad_fraction=args.max_bad_fraction)
+                                 common.SMOKE_PROMPTS if common.is_smoke(args.preset) else None, max_bad_fraction=args.max_bad_fraction)
     if main_process and source.report is not None:
         common.write_data_report(output_dir, {"data": source.report})
     dataset = pair_dataset(args, psi, psi_root, teacher, source, output_dir, accelerator)
     settings = step_settings(args, teacher.scheduler_config, uncond=uncond, device=device, vae_factor=common.vae_factor(teacher.vae.config))
-
-    def states_of(prompts):
-        return common.encode_prompts(teacher.tokenizer, teacher.text_encoder, prompts)
 
     # --- optimizers, accelerate ------------------------------------------------------------------------
     if args.gradient_checkpointing:

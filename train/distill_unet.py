@@ -4,6 +4,8 @@
 Tiny run on a CPU (seconds; builds a tiny random SD-style teacher in OUT/tiny-teacher):
     python train/distill_unet.py --preset smoke --output_dir outputs/unet-smoke
     python -m sdxs generate --model outputs/unet-smoke/final --decoder large --prompt cat --out cat.png
+The same on a tiny SDXL-shaped teacher (OUT/tiny-sdxl-teacher), SDXS-1024's path:
+    python train/distill_unet.py --preset smoke-sdxl --output_dir outputs/unet-smoke-sdxl
 Paper scale, 8 GPUs (see train/README.md):
     accelerate launch --multi_gpu --num_processes 8 train/distill_unet.py --preset paper \\
         --teacher Lykon/dreamshaper-8 --prompts prompts.txt --output_dir outputs/unet
@@ -16,8 +18,9 @@ What it does:
    one resnet per stage. SD-1.5 gives exactly the SDXS-512-DreamShaper
    U-Net (315,746,244 parameters), SD-2.1-base 318.7 M (paper Table 3: 319 M). SDXL-style teachers
    (text_time) keep every stage: no mid block, one resnet fewer per stage, the first half of every kept
-   transformer's layers; SDXL base gives exactly SDXS-1024's U-Net (752,807,364). The recipe and kd_step
-   handle SDXL; main() refuses it up front for now (its data path is SD-only: check_runnable_teacher).
+   transformer's layers; SDXL base gives exactly SDXS-1024's U-Net (752,807,364). An SDXL teacher's
+   text conditions come from both its text encoders, with the pooled embedding and the size ids of an
+   uncropped RESOLUTION^2 image (common.PromptEncoder), in the cache, the KD steps and the sample grids.
 2. Student weights (init_student_from_teacher): every kept block is copied from the teacher with an
    explicit mapping (block_map), BK-SDM style: student down stage i <- teacher down stage i, keeping
    its first resnets/transformers; student up stage j <- teacher up stage j+1, dropping the
@@ -76,6 +79,13 @@ PRESETS = {
         sample_steps=25, sample_guidance=7.5,  # [ours] sample grids
     ),
 }
+PRESETS["smoke-sdxl"] = PRESETS["smoke"]  # the same run; resolve_teacher builds the tiny SDXL-shaped teacher
+PRESETS["paper-1024"] = dict(  # SDXS-1024 from SDXL base (--teacher stabilityai/stable-diffusion-xl-base-1.0)
+    PRESETS["paper"],
+    resolution=1024,  # [paper] SDXS-1024
+    guidance_scale=5.0, sample_guidance=5.0,  # [ours] SDXL base's own CFG scale
+    batch_size=8, grad_accum=16,  # [ours] the same global batch 1024 = 8 x 16 x 8 GPUs, 1024^2 latents are 4x larger
+)
 LOSSES = ["loss", "loss_out", "loss_feat"]
 
 # --- the SDXS recipe (student config, weight mapping, feature pairs) -------------------------------
@@ -149,18 +159,6 @@ def check_teacher_unet(teacher_config: dict, teacher: str = "the teacher") -> No
     if problems:
         raise SystemExit(f"error: {teacher}'s U-Net is not one stage B's block-removal recipe supports: it has "
                          f"{'; '.join(problems)}. Supported: {SUPPORTED_TEACHERS}.")
-
-
-def check_runnable_teacher(teacher_config: dict, teacher: str = "the teacher") -> None:
-    """What main() can train today: the recipe's teachers (check_teacher_unet) minus SDXL-style ones, whose
-    recipe and KD step exist but whose data path (two text encoders in the latent cache, SDXL sampling for
-    the cache and the sample grids) is not built yet; refused up front, before anything is loaded."""
-    check_teacher_unet(teacher_config, teacher)
-    if is_sdxl_teacher(teacher_config):
-        raise SystemExit(f"error: {teacher} is an SDXL-style teacher (addition_embed_type 'text_time'). Stage B's recipe handles it "
-                         "(derive_student_config gives SDXS-1024's U-Net, kd_step takes SDXL's added conditioning), but this "
-                         "training run does not yet: its latent cache, text encoding and sample grids use one text encoder and "
-                         "SD conditioning. Use an SD-1.x/SD-2.x teacher for now (train/README.md, \"SDXS-1024's U-Net\").")
 
 
 def _flat(value) -> list:
@@ -412,73 +410,34 @@ class FeatureHooks:
         self.teacher = BlockOutputs(teacher_unet, [(t, take) for _, t, take in self.pairs])
 
 
-def kd_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tokenizer, text_encoder, caption_dropout: float,
-              device: torch.device, return_noise: bool = False) -> tuple[torch.Tensor, ...]:
+def kd_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, encode, caption_dropout: float,
+              device: torch.device, return_noise: bool = False) -> tuple:
     """What one micro-batch feeds kd_step: x_t = add_noise(z0, eps, t) with the teacher's betas, t uniform in
-    [0, T), z0 the cached teacher latents; and the captions' text states, each caption replaced by the empty
-    prompt with probability `caption_dropout`. Draws come from `gen` (seeded per step). Returns (x_t, t, states),
-    and eps last with `return_noise` (a denoising loss needs it: stage D's teacher ControlNet)."""
-    x_t, t, prompts, noise = _noised_latents_and_prompts(batch, gen, noise_scheduler, caption_dropout, device)
-    states = common.encode_prompts(tokenizer, text_encoder, prompts)
-    return (x_t, t, states, noise) if return_noise else (x_t, t, states)
-
-
-def sdxl_kd_inputs(batch: dict, gen: torch.Generator, *, noise_scheduler, tokenizers, text_encoders, caption_dropout: float,
-                   resolution: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """kd_inputs for an SDXL-style teacher: the same draws (x_t, t, caption dropout), the text states of both
-    encoders (encode_sdxl_prompts) and the added conditions of a resolution x resolution image, uncropped
-    (sdxl_added_cond: the cached latents are whole teacher images at that size). Returns (x_t, t, states, added_cond)."""
-    x_t, t, prompts, _ = _noised_latents_and_prompts(batch, gen, noise_scheduler, caption_dropout, device)
-    states, pooled = encode_sdxl_prompts(tokenizers, text_encoders, prompts)
-    return x_t, t, states, sdxl_added_cond(pooled, (resolution, resolution), (resolution, resolution))
-
-
-def _noised_latents_and_prompts(batch: dict, gen: torch.Generator, noise_scheduler, caption_dropout: float, device: torch.device):
-    """(x_t, t, prompts after caption dropout, eps), drawn from `gen` in a fixed order."""
+    [0, T), z0 the cached teacher latents; and the captions' text conditions, `encode(prompts)` (the teacher's
+    common.PromptEncoder: SD text states, or SDXL's two encoders' states with the pooled embedding and size
+    ids), each caption replaced by the empty prompt with probability `caption_dropout`. Draws come from `gen`
+    (seeded per step). Returns (x_t, t, cond), and eps last with `return_noise` (a denoising loss needs it:
+    stage D's teacher ControlNet)."""
     z0 = batch["latents"].to(device)
     drop = torch.rand(len(z0), generator=gen) < caption_dropout
     prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist())]
     noise = torch.randn(z0.shape, generator=gen).to(device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(z0),), generator=gen).to(device)  # uniform t
     x_t = noise_scheduler.add_noise(z0, noise, t)
-    return x_t, t, prompts, noise
+    cond = encode(prompts)
+    return (x_t, t, cond, noise) if return_noise else (x_t, t, cond)
 
 
-@torch.no_grad()
-def encode_sdxl_prompts(tokenizers, text_encoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text conditions as SDXL conditions on them (diffusers' StableDiffusionXLPipeline.encode_prompt):
-    each encoder's penultimate hidden state over the padded 77 tokens, concatenated (768 + 1280 = 2048 for
-    CLIP-L + OpenCLIP-bigG), and the pooled, projected embedding of the last encoder
-    (CLIPTextModelWithProjection's text_embeds). Returns (states, pooled)."""
-    states, pooled = [], None
-    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # the last encoder's: its projected pooled embedding
-    if pooled is None or pooled.ndim != 2:
-        raise ValueError("the last SDXL text encoder must return a pooled embedding (a CLIPTextModelWithProjection, text_encoder_2/)")
-    return torch.cat(states, dim=-1), pooled
-
-
-def sdxl_added_cond(pooled: torch.Tensor, original_size: tuple[int, int], target_size: tuple[int, int],
-                    crop_top_left: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
-    """SDXL's micro-conditioning for the text_time added embedding, as the SDXL pipeline builds it:
-    text_embeds = the pooled embedding, time_ids = (original h, w, crop top, left, target h, w) per sample."""
-    time_ids = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=pooled.dtype, device=pooled.device)
-    return {"text_embeds": pooled, "time_ids": time_ids.expand(len(pooled), -1)}
-
-
-def kd_step(student, teacher_unet, hooks: FeatureHooks, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor, *,
-            lambda_feat: float, added_cond: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def kd_step(student, teacher_unet, hooks: FeatureHooks, x_t: torch.Tensor, t: torch.Tensor, cond: common.TextCond | torch.Tensor, *,
+            lambda_feat: float) -> dict[str, torch.Tensor]:
     """The KD loss on one micro-batch, Eq. 8: L_KD = L_OKD + lambda_F * L_FKD, and no denoising (task) loss.
-    Teacher and student see the same x_t, t and text states (and, for an SDXL-style pair, the same
-    `added_cond`: text_embeds and time_ids, sdxl_added_cond); the teacher runs without gradients."""
-    extra = {} if added_cond is None else {"added_cond_kwargs": added_cond}
+    Teacher and student see the same x_t, t and text conditions (common.TextCond: for an SDXL-style pair
+    also the same pooled embedding and size ids); the teacher runs without gradients."""
+    kwargs = common.as_cond(cond).unet_kwargs()
     with torch.no_grad(), hooks.teacher.capture():
-        teacher_eps = teacher_unet(x_t.to(teacher_unet.dtype), t, encoder_hidden_states=states, **extra).sample
+        teacher_eps = teacher_unet(x_t.to(teacher_unet.dtype), t, **kwargs).sample
     with hooks.student.capture():
-        student_eps = student(x_t, t, encoder_hidden_states=states, **extra).sample
+        student_eps = student(x_t, t, **kwargs).sample
     loss_out = output_kd_loss(student_eps, teacher_eps)  # Eq. 6
     loss_feat = feature_kd_loss(hooks.student.features, hooks.teacher.features, hooks.pairs)  # Eq. 7
     return {"loss": loss_out + lambda_feat * loss_feat, "loss_out": loss_out, "loss_feat": loss_feat}  # Eq. 8
@@ -522,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_id = common.resolve_teacher(args.teacher, args.preset, output_dir, accelerator)
     teacher_root = common.resolve_model(teacher_id, "--teacher", subfolders_with_weights=("unet", "text_encoder", "vae"))
     if (teacher_root / "unet" / "config.json").is_file():  # refuse an unsupported U-Net before loading it
-        check_runnable_teacher(json.loads((teacher_root / "unet" / "config.json").read_text()), f"Teacher '{teacher_id}'")
+        check_teacher_unet(json.loads((teacher_root / "unet" / "config.json").read_text()), f"Teacher '{teacher_id}'")
     teacher = common.load_teacher(teacher_id, device, torch.float32)  # fp32 first: the student copies exact weights
     student, plan = init_student_from_teacher(teacher.unet)
     if main_process:
@@ -531,9 +490,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(plan.dropped)} teacher tensors dropped.", file=sys.stderr)
     dtype = common.weight_dtype(args.mixed_precision)
     teacher.unet.to(dtype)
-    teacher.text_encoder.to(dtype)
+    for text_encoder in teacher.text_encoders:
+        text_encoder.to(dtype)
+    encode = teacher.prompt_encoder(args.resolution)  # SD: text states; SDXL: + pooled embedding and size ids
     source = common.read_sources(args.prompts, args.image_folder, args.caption_column, args.latents, args.num_samples,
-                                 common.SMOKE_PROMPTS if args.preset == "smoke" else None, max_bad_fraction=args.max_bad_fraction)
+                                 common.SMOKE_PROMPTS if common.is_smoke(args.preset) else None, max_bad_fraction=args.max_bad_fraction)
     cache = common.cache_folder(args.cache_dir or output_dir / "cache", teacher.root, source, resolution=args.resolution,
                                 sampler_steps=args.sampler_steps, guidance_scale=args.guidance_scale, with_images=False, seed=args.seed)
     common.build_latent_cache(teacher, source, cache, resolution=args.resolution, sampler_steps=args.sampler_steps,
@@ -574,8 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     @torch.no_grad()
     def sample_grid(step: int) -> None:
         """Rows: teacher samples, student samples (EMA when on): same prompts, noise and sampler."""
-        cond = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, val_prompts)
-        uncond = common.encode_prompts(teacher.tokenizer, teacher.text_encoder, [""]).expand(len(val_prompts), -1, -1)
+        cond, uncond = encode(val_prompts), encode.unconditional().expand(len(val_prompts))
         sf = teacher.vae.config.scaling_factor
 
         def images(unet):
@@ -598,10 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         sums, updated = dict.fromkeys(LOSSES, 0.0), False
         for micro in range(args.grad_accum):
             gen = common.step_generator(args.seed, 0 if args.overfit_batch else step * args.grad_accum + micro, accelerator.process_index)
-            x_t, t, states = kd_inputs(next(batches), gen, noise_scheduler=noise_scheduler, tokenizer=teacher.tokenizer,
-                                       text_encoder=teacher.text_encoder, caption_dropout=args.caption_dropout, device=device)
+            x_t, t, cond = kd_inputs(next(batches), gen, noise_scheduler=noise_scheduler, encode=encode,
+                                     caption_dropout=args.caption_dropout, device=device)
             with accelerator.accumulate(student):
-                losses = kd_step(student, teacher.unet, hooks, x_t, t, states, lambda_feat=args.lambda_feat)
+                losses = kd_step(student, teacher.unet, hooks, x_t, t, cond, lambda_feat=args.lambda_feat)
                 accelerator.backward(losses["loss"])
                 for k in LOSSES:
                     sums[k] += losses[k].detach().float().item() / args.grad_accum

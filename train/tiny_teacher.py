@@ -2,6 +2,7 @@
 """A tiny random SD-style TEACHER pipeline, for smoke runs and tests of the training stages.
 
     python train/tiny_teacher.py outputs/tiny-teacher
+    python train/tiny_teacher.py outputs/tiny-sdxl-teacher --family sdxl
 
 It has the structure of SD-1.5 (the family of DreamShaper, the teacher of SDXS-512-DreamShaper), only
 narrow: four stages (three CrossAttnDownBlock2D + a final DownBlock2D), a mid block, two resnets per
@@ -9,6 +10,12 @@ down stage, attention at the highest-resolution stage, an AutoencoderKL in vae/,
 and the real CLIP tokenizer; random weights, so it "generates" noise-like images. The folder is in
 diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), the same
 layout as a hub teacher, so the training scripts read both with the same code.
+
+`--family sdxl` writes a tiny SDXL-base-shaped teacher instead (SDXS-1024's path): three stages, no
+transformers at the highest resolution, two resnets per stage, transformer depths (1, 2, 4), a mid block,
+the text_time micro-conditioning, two text encoders of different widths (CLIPTextModel and
+CLIPTextModelWithProjection) with tokenizer_2/, SDXL's latent scale and Euler scheduler, in
+StableDiffusionXLPipeline's layout.
 
 The reference U-Net configs of the public teachers live here too (SD15_UNET, SD21_BASE_UNET): they are
 what `unet/config.json` of those repos holds, written out so tests can derive students from them
@@ -26,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdxs import architectures as arch
+from sdxs.build import TINY_SDXL_TEXT, TINY_SDXL_TEXT_2
 
 # --- reference teacher U-Nets (diffusers UNet2DConditionModel kwargs) --------------------------------
 
@@ -72,32 +80,56 @@ TINY_TEACHER_VAE = dict(arch.TINY_SD_VAE, sample_size=64)
 # SD-1.5's own scheduler (PNDM); the training scripts sample with DPM-Solver++ built from its betas.
 SD_SCHEDULER = ("PNDMScheduler", dict(arch._SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False))
 
+# The tiny SDXL-shaped teacher: SDXL base's structure (arch.SDXL_UNET) at toy widths; its text encoders
+# are those of make-tiny --family sdxl (32 + 48 states, a pooled embedding of 40).
+TINY_SDXL_TEACHER_UNET = dict(
+    arch.SDXL_UNET,
+    sample_size=8,  # 64 px images
+    block_out_channels=(16, 32, 32),
+    transformer_layers_per_block=(1, 2, 4),  # stage B keeps the first half: (1, 1, 2)
+    attention_head_dim=(2, 4, 4),
+    cross_attention_dim=TINY_SDXL_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TINY_SDXL_TEXT_2["projection_dim"] + 6 * 8,
+    norm_num_groups=8,
+)
+TINY_SDXL_TEACHER_VAE = dict(arch.TINY_SD_VAE, sample_size=64, scaling_factor=arch.SDXL_VAE["scaling_factor"], force_upcast=True)
+FAMILIES = ("sd", "sdxl")
 
-def make_tiny_teacher(dest: str | Path, *, seed: int = 0) -> Path:
-    """Write the tiny random teacher to `dest` (a new folder; written whole or not at all)."""
+
+def make_tiny_teacher(dest: str | Path, *, seed: int = 0, family: str = "sd") -> Path:
+    """Write the tiny random teacher of `family` ("sd" or "sdxl") to `dest` (a new folder; written whole or not at all)."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdxs.build import save_pipeline_folder
     from sdxs.tokenizer import cached_clip_tokenizer_dir
 
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown teacher family '{family}'; choose one of {', '.join(FAMILIES)}.")
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and is not empty; choose a new folder.")
     torch.manual_seed(seed)
-    scheduler_class, scheduler_config = SD_SCHEDULER
+    sdxl = family == "sdxl"
+    scheduler_class, scheduler_config = arch.SDXL_EULER_SCHEDULER if sdxl else SD_SCHEDULER
     components = {
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**arch.TINY_TEXT)).eval(),
-        "unet": diffusers.UNet2DConditionModel(**TINY_TEACHER_UNET).eval(),
-        "vae": diffusers.AutoencoderKL(**TINY_TEACHER_VAE).eval(),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**(TINY_SDXL_TEXT if sdxl else arch.TINY_TEXT))).eval(),
+        "unet": diffusers.UNet2DConditionModel(**(TINY_SDXL_TEACHER_UNET if sdxl else TINY_TEACHER_UNET)).eval(),
+        "vae": diffusers.AutoencoderKL(**(TINY_SDXL_TEACHER_VAE if sdxl else TINY_TEACHER_VAE)).eval(),
         "scheduler": getattr(diffusers, scheduler_class).from_config(scheduler_config),
     }
+    if sdxl:
+        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2)).eval()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         save_pipeline_folder(components, cached_clip_tokenizer_dir(), tmp / "teacher")
         (tmp / "teacher" / "README.md").write_text(
+            "# Tiny random SDXL-shaped teacher\n\nRandom weights, SDXL base structure (mid block, three stages, transformer depths "
+            "(1, 2, 4), two text encoders, AutoencoderKL vae/). Made by `python train/tiny_teacher.py --family sdxl`, for smoke runs and tests.\n"
+            if sdxl else
             "# Tiny random SD-style teacher\n\nRandom weights, SD-1.5 structure (mid block, four stages, "
             "AutoencoderKL vae/). Made by `python train/tiny_teacher.py`, for smoke runs and tests.\n"
         )
@@ -109,20 +141,21 @@ def make_tiny_teacher(dest: str | Path, *, seed: int = 0) -> Path:
     return dest
 
 
-def ensure_tiny_teacher(dest: str | Path) -> Path:
-    """The tiny teacher at `dest`, built there first if it is not there yet."""
+def ensure_tiny_teacher(dest: str | Path, *, family: str = "sd") -> Path:
+    """The tiny teacher of `family` at `dest`, built there first if it is not there yet."""
     dest = Path(dest)
     if (dest / "model_index.json").is_file():
         return dest
-    return make_tiny_teacher(dest)
+    return make_tiny_teacher(dest, family=family)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dest", help="new folder to write the tiny teacher pipeline to")
     parser.add_argument("--seed", type=int, default=0, help="weight init seed (default 0)")
+    parser.add_argument("--family", choices=FAMILIES, default="sd", help="sd: SD-1.5-shaped (default); sdxl: SDXL-base-shaped")
     args = parser.parse_args(argv)
-    path = make_tiny_teacher(args.dest, seed=args.seed)
+    path = make_tiny_teacher(args.dest, seed=args.seed, family=args.family)
     print(f"Tiny random teacher written to {path}")
     return 0
 
