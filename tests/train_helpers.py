@@ -25,15 +25,16 @@ def make_teacher(tmp_path_factory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-teacher")
 
 
-def run_stage(module, output_dir: Path, *args: str, teacher: Path | None = None, cache_dir: Path | None = None) -> int:
-    """Run `module.main` with --preset smoke in this process (no re-import: fast), then reset
+def run_stage(module, output_dir: Path, *args: str, teacher: Path | None = None, cache_dir: Path | None = None,
+              preset: str = "smoke") -> int:
+    """Run `module.main` with --preset smoke (or `preset`) in this process (no re-import: fast), then reset
     accelerate's process-wide state and torch's thread count so the next run (or test) starts
     clean, as a new process would."""
     import torch
     from accelerate.state import AcceleratorState, GradientState
 
     threads = torch.get_num_threads()
-    argv = ["--preset", "smoke", "--output_dir", str(output_dir), *args]
+    argv = ["--preset", preset, "--output_dir", str(output_dir), *args]
     if teacher is not None:
         argv += ["--teacher", str(teacher)]
     if cache_dir is not None:

@@ -39,6 +39,7 @@ class Mutation:
 STAGE_A = ("tests/test_distill_decoder.py",)
 STAGE_B = ("tests/test_distill_unet.py",)
 STAGE_B_SDXL = "tests/test_distill_unet_sdxl.py"
+TRAIN_SDXL = "tests/test_train_sdxl.py"
 STAGE_C = ("tests/test_distill_one_step.py",)
 STAGE_D = ("tests/test_distill_controlnet.py",)
 COMMON = ("tests/test_train_common.py",)
@@ -404,6 +405,52 @@ MUTATIONS: list[Mutation] = [
              "[*original_size, *target_size, *crop_top_left]",
              (STAGE_B_SDXL,),
              "SDXL's time ids in another order than the pipeline's"),
+    # --- the SDXL training data path (issue 17: common.TextCond / PromptEncoder, stages A-C on SDXL) ---
+    Mutation("sdxl_size_ids_not_the_runs_resolution", "train/common.py",
+             "        size = (self.image_size, self.image_size)\n",
+             "        size = (1024, 1024)\n",
+             (TRAIN_SDXL,),
+             "SDXL's size ids always say 1024 x 1024, whatever --resolution the latents have"),
+    Mutation("sdxl_negative_not_zeroed", "train/common.py",
+             "        if self.zeros_for_empty:\n",
+             "        if False:\n",
+             (TRAIN_SDXL,),
+             "SDXL base's CFG negative is the encoded empty prompt, not zeros as its pipeline"),
+    Mutation("sdxl_zeros_flag_not_read", "train/common.py",
+             'zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)) if sdxl else False,',
+             "zeros_for_empty_prompt=False,",
+             (TRAIN_SDXL,),
+             "model_index.json's force_zeros_for_empty_prompt ignored"),
+    Mutation("text_cond_rows_only_on_states", "train/common.py",
+             "        return self._map(lambda x: x[index])\n",
+             "        return TextCond(self.states[index], self.added)\n",
+             (TRAIN_SDXL,),
+             "selecting rows keeps every sample's pooled embedding and size ids (another sample's conditions)"),
+    Mutation("cache_cfg_branches_swapped", "train/common.py",
+             "conditions = TextCond.cat([as_cond(uncond), as_cond(cond)]) if guided else as_cond(cond)",
+             "conditions = TextCond.cat([as_cond(cond), as_cond(uncond)]) if guided else as_cond(cond)",
+             (f"{TRAIN_SDXL}::test_the_latent_cache_of_an_sdxl_teacher_equals_the_sdxl_pipelines_latents",),
+             "the teacher sampler's CFG guides away from the prompt"),
+    Mutation("fm_encoder_without_added_embedding", "train/distill_one_step.py",
+             "        if cond.added is not None:  # SDXL",
+             "        if False:  # SDXL",
+             (TRAIN_SDXL,),
+             "stage C's U-Net feature encoder drops SDXL's pooled embedding and size ids"),
+    Mutation("stage_c_sdxl_encoder_at_another_resolution", "train/distill_one_step.py",
+             "    states_of = teacher.prompt_encoder(args.resolution)",
+             "    states_of = teacher.prompt_encoder(1024)",
+             (f"{TRAIN_SDXL}::test_stage_c_main_pairs_each_prompt_with_its_sdxl_conditions_and_guides_with_zeros",),
+             "stage C's main() conditions on another resolution's size ids"),
+    Mutation("stage_b_sdxl_encoder_at_another_resolution", "train/distill_unet.py",
+             "    encode = teacher.prompt_encoder(args.resolution)",
+             "    encode = teacher.prompt_encoder(1024)",
+             (f"{TRAIN_SDXL}::test_stage_b_main_feeds_kd_step_the_sdxl_conditions_of_its_resolution",),
+             "stage B's main() conditions on another resolution's size ids"),
+    Mutation("sdxl_final_without_text_encoder_2", "train/common.py",
+             '    sdxl = (base_root / "text_encoder_2").is_dir()\n',
+             "    sdxl = False\n",
+             (TRAIN_SDXL,),
+             "the final folder of an SDXL run lacks text_encoder_2/ and tokenizer_2/"),
     # --- stage C (train/distill_one_step.py) ---------------------------------------------------------
     Mutation("swap_score_difference_args", "train/distill_one_step.py",
              "g = score_difference(eps_on, eps_off, s_t)",
@@ -695,13 +742,18 @@ def apply(mutation: Mutation, root: Path) -> None:
 
 
 def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[bool, float]:
-    """(caught, seconds): caught when pytest fails (or times out) on the mutated copy."""
+    """(caught, seconds): caught when a test fails (or the run times out) on the mutated copy. A run that
+    fails to start (pytest's exit codes 2-5: a test file or node id not found, nothing collected) is an
+    error of the mutation list, never a catch."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
                                 env=env, capture_output=True, timeout=timeout)
-        caught = result.returncode != 0
+        if result.returncode not in (0, 1):
+            raise SystemExit(f"pytest could not run {' '.join(tests)} (exit code {result.returncode}; is the test file "
+                             f"tracked by git?):\n{result.stdout.decode()[-2000:]}")
+        caught = result.returncode == 1
     except subprocess.TimeoutExpired:
         caught = True
     return caught, time.perf_counter() - start
