@@ -5,10 +5,13 @@
     python -m sdxs.bench --device cuda --clients 16                # GPU rows: batch 1, batch 64, 16 clients
     python -m sdxs.bench --device cuda --dtype bf16 --batch 128 --micro-batch 64
     python -m sdxs.bench --model path/to/folder           # a real (or the mini) model folder
+    python -m sdxs.bench --model sdxs-1024 --runs 3 --batch 2 --out docs/benchmarks-1024   # SDXS-1024 at 1024x1024
     python -m sdxs.bench --rows torch,openvino,peer,peer-fp32 --peer-python peer-venv/bin/python
 
 Each row runs in its own process (clean peak RSS / GPU memory, no shared caches): the model is
-built (exact architecture, random weights: compute does not depend on the values) or loaded, one
+built (exact architecture, random weights: compute does not depend on the values) or loaded, and
+runs at its native size (512 for SDXS-512, 1024 for the SDXL family: sdxs-1024, whose upstream-style
+row is diffusers' StableDiffusionXLPipeline; no OpenVINO, sketch or peer rows there), one
 warm-up call is timed as the first call (tracing/compiling included), then `--runs` timed calls at
 batch 1 and at `--batch` (run by the engine in forwards of `--micro-batch` images). The engine's
 prompt cache is off: every call encodes its prompt, as a visitor's new prompt does. With
@@ -63,26 +66,53 @@ CLIENT_ROUNDS = {"cuda": 16, "cpu": 4}
 
 # --- worker: one row, in its own process ----------------------------------------------------------
 
+def known_spec(model: str):
+    """The ModelSpec of a known id the bench builds with random weights (a released model, or sdxs-1024,
+    known by its architecture only); None for a folder."""
+    from sdxs.registry import MODELS, REFERENCE_MODELS, SDXS_1024
+
+    if Path(model).exists():
+        return None
+    return MODELS.get(model) or (REFERENCE_MODELS[model] if model == SDXS_1024 else None)
+
+
+def is_sdxl_model(model: str) -> bool:
+    """An SDXL-family model (two text encoders, text_time conditioning): a known id's architecture or a folder's U-Net."""
+    from sdxs.loading import is_sdxl_unet, resolve_model_dir
+
+    spec = known_spec(model)
+    if spec is not None:
+        return spec.architecture.text_encoder_2 is not None
+    return is_sdxl_unet(json.loads((resolve_model_dir(model) / "unet" / "config.json").read_text()))
+
+
 def _build_engine(model: str, row: str, device: str, dtype: str | None, micro_batch: int | None = None):
     from sdxs.engine import SDXSEngine
     from sdxs.loading import Components, load_components, pick_device_and_dtype
-    from sdxs.registry import MODELS
 
     dev, dt = pick_device_and_dtype(device, dtype)
-    if model in MODELS and not Path(model).exists():
+    spec = known_spec(model)
+    if spec is not None:
         from transformers import CLIPTokenizer
 
         from sdxs.build import build_components
         from sdxs.tokenizer import cached_clip_tokenizer_dir
 
-        built = build_components(MODELS[model].architecture)
-        for name in ("text_encoder", "unet", "vae", "vae_large", "controlnet"):
+        built = build_components(spec.architecture)
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae", "vae_large", "controlnet"):
             if name in built:
                 built[name] = built[name].to(dev, dt).requires_grad_(False)
+        sdxl = "text_encoder_2" in built
+        if sdxl and dt == torch.float16:  # SDXL's VAE overflows in fp16 (force_upcast), as the engine's loader keeps it
+            built["vae_large"].to(torch.float32)
         components = Components(
             tokenizer=CLIPTokenizer.from_pretrained(cached_clip_tokenizer_dir()),
-            text_encoder=built["text_encoder"], unet=built["unet"], scheduler_config=dict(built["scheduler"].config),
+            text_encoder=built["text_encoder"], unet=built["unet"],
+            scheduler_config=dict(built["scheduler"].config, _class_name=type(built["scheduler"]).__name__),
             decoders={"tiny": built["vae"], "large": built["vae_large"]}, source=model, controlnet=built.get("controlnet"),
+            text_encoder_2=built.get("text_encoder_2"),
+            # SDXL's second tokenizer pads with "!" (sdxs.build.write_sdxl_tokenizer_2)
+            tokenizer_2=CLIPTokenizer.from_pretrained(cached_clip_tokenizer_dir(), pad_token="!") if sdxl else None,
         )
     else:
         components = load_components(model, dev, dt)
@@ -102,16 +132,39 @@ def bench_sketch():
     return image
 
 
+def upstream_pipeline(engine, sketch=None):
+    """The upstream demos' diffusers pipeline over the engine's own networks: StableDiffusionPipeline
+    (with a ControlNet in sketch mode), or StableDiffusionXLPipeline for an SDXL-family model; the
+    model's one-step scheduler (DEIS when its config names none)."""
+    import diffusers
+
+    tc = engine.torch_components
+    scheduler_class = getattr(diffusers, tc.scheduler_config.get("_class_name", "DEISMultistepScheduler"))
+    parts = dict(vae=tc.decoders["tiny"], text_encoder=tc.text_encoder, tokenizer=tc.tokenizer, unet=tc.unet,
+                 scheduler=scheduler_class.from_config(tc.scheduler_config))
+    if tc.is_sdxl:
+        pipe = diffusers.StableDiffusionXLPipeline(text_encoder_2=tc.text_encoder_2, tokenizer_2=tc.tokenizer_2, **parts)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = (diffusers.StableDiffusionControlNetPipeline(controlnet=tc.controlnet, **parts) if sketch
+                else diffusers.StableDiffusionPipeline(**parts))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _upstream_call(engine, pipe, noise, sketch=None):
-    """What the upstream demos do per request: swap the VAE, move/cast the pipeline, run 1 step."""
+    """What the upstream demos do per request: swap the VAE, move/cast the pipeline, run 1 step at the model's size."""
     pipe.vae = engine.torch_components.decoders["tiny"]
     pipe.to(torch_device=engine.device, torch_dtype=engine.dtype)
-    extra = {} if sketch is None else dict(image=sketch, controlnet_conditioning_scale=0.8, width=512, height=512)
-    return pipe(prompt=[PROMPT] * noise.shape[0], guidance_scale=0.0, num_inference_steps=1, latents=noise, output_type="pil", **extra).images
+    size = engine.native_size
+    extra = {} if sketch is None else dict(image=sketch, controlnet_conditioning_scale=0.8)
+    return pipe(prompt=[PROMPT] * noise.shape[0], guidance_scale=0.0, num_inference_steps=1, latents=noise, width=size, height=size,
+                output_type="pil", **extra).images
 
 
 def _stage_timer(modules: dict):
-    """Forward hooks that add each module's wall time to `timings` (for the upstream pipeline)."""
+    """Forward hooks that add each module's wall time to `timings` (for the upstream pipeline); a stage
+    may be several modules (SDXL's two text encoders), given as a list."""
     timings = {name: 0.0 for name in modules}
 
     def pre(name):
@@ -128,9 +181,10 @@ def _stage_timer(modules: dict):
             timings[name] += time.perf_counter() - timings.pop(f"_{name}")
         return hook
 
-    for name, module in modules.items():
-        module.register_forward_pre_hook(pre(name))
-        module.register_forward_hook(post(name))
+    for name, stage in modules.items():
+        for module in stage if isinstance(stage, list) else [stage]:
+            module.register_forward_pre_hook(pre(name))
+            module.register_forward_hook(post(name))
     return timings
 
 
@@ -223,17 +277,10 @@ def run_worker(args) -> dict:
     engine = _build_engine(args.model, args.worker, args.device, args.dtype, args.micro_batch)
     sketch = bench_sketch() if args.mode == "sketch" else None
     if args.worker == "upstream":
-        from diffusers import DEISMultistepScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
-
         tc = engine.torch_components
-        parts = dict(
-            vae=tc.decoders["tiny"], text_encoder=tc.text_encoder, tokenizer=tc.tokenizer, unet=tc.unet,
-            scheduler=DEISMultistepScheduler.from_config(tc.scheduler_config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
-        pipe = StableDiffusionControlNetPipeline(controlnet=tc.controlnet, **parts) if sketch else StableDiffusionPipeline(**parts)
-        pipe.set_progress_bar_config(disable=True)
-        stage_modules = {"text_encoder": tc.text_encoder, "unet": tc.unet, "decoder": tc.decoders["tiny"].decoder}
+        pipe = upstream_pipeline(engine, sketch)
+        text_encoders = [tc.text_encoder] + ([tc.text_encoder_2] if tc.is_sdxl else [])
+        stage_modules = {"text_encoder": text_encoders, "unet": tc.unet, "decoder": tc.decoders["tiny"].decoder}
         stage_times = _stage_timer(stage_modules)
         control_times = _stage_timer({"controlnet": tc.controlnet}) if sketch else {"controlnet": 0.0}
 
@@ -242,7 +289,8 @@ def run_worker(args) -> dict:
                 stage_times[key] = 0.0
             control_times["controlnet"] = 0.0
             start = time.perf_counter()
-            images = _upstream_call(engine, pipe, engine.initial_noise(list(range(batch)), 512, 512), sketch)
+            size = engine.native_size
+            images = _upstream_call(engine, pipe, engine.initial_noise(list(range(batch)), size, size), sketch)
             times = dict(stage_times, total=time.perf_counter() - start)
             times["unet"] += control_times["controlnet"]  # the engine counts the ControlNet in its U-Net stage
             return images, times
@@ -277,6 +325,7 @@ def run_worker(args) -> dict:
         "backend": engine.backend,
         "dtype": DTYPE_NAMES[engine.dtype],
         "micro_batch": engine.micro_batch,
+        "size": engine.native_size,
         "first_call_s": first_call,
         f"first_call_batch{args.batch}_s": first_batched_call,
         "stages_s": summary,
@@ -333,29 +382,43 @@ def matmul_peak(device: str, dtype: str, n: int | None = None, repeats: int = 10
 
 
 def unet_gflop_per_image(model: str, with_controlnet: bool = False) -> float:
-    """FLOPs of one batch-1 U-Net call at 512x512 (plus the ControlNet's in sketch mode)."""
+    """FLOPs of one batch-1 U-Net call at the model's native size (512x512; SDXL family 1024x1024, with
+    its pooled embedding and size ids), plus the ControlNet's in sketch mode. Counted on the meta device:
+    from the configs alone (no weights built or read), and attention counted as its matmuls (on a CPU
+    tensor, scaled_dot_product_attention runs a fused kernel the FLOP counter does not see: 3% of
+    SDXS-512's FLOPs, 9% of SDXS-1024's)."""
+    from accelerate import init_empty_weights
     from diffusers import ControlNetModel, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdxs.registry import MODELS
+    from sdxs.registry import REFERENCE_MODELS
 
-    if model in MODELS:
-        architecture = MODELS[model].architecture
-        unet = UNet2DConditionModel(**architecture.unet).eval()
-        controlnet = ControlNetModel(**architecture.controlnet).eval() if with_controlnet else None
+    spec = known_spec(model) or REFERENCE_MODELS.get(model)  # SDXL base too: the paper's "60x faster than SDXL"
+    if spec is not None:
+        unet_config, controlnet_config = spec.architecture.unet, spec.architecture.controlnet
     else:
         from sdxs.loading import resolve_model_dir
 
         root = resolve_model_dir(model)
-        unet = UNet2DConditionModel.from_pretrained(root / "unet").eval()
-        controlnet = ControlNetModel.from_pretrained(root / "controlnet").eval() if with_controlnet else None
+        unet_config = UNet2DConditionModel.load_config(root / "unet")
+        controlnet_config = ControlNetModel.load_config(root / "controlnet") if with_controlnet else None
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config).eval()
+        controlnet = ControlNetModel.from_config(controlnet_config).eval() if with_controlnet else None
+    meta = torch.device("meta")
     size = unet.config.sample_size
-    sample = torch.randn(1, unet.config.in_channels, size, size)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim)
+    sample = torch.randn(1, unet.config.in_channels, size, size, device=meta)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, device=meta)
+    t = torch.tensor([999], device=meta)
+    added = {}
+    if unet.config.addition_embed_type == "text_time":  # pooled embedding + six size numbers (each addition_time_embed_dim wide)
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled, device=meta), "time_ids": torch.randn(1, 6, device=meta)}}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(sample, torch.tensor([999]), encoder_hidden_states=text)
+        unet(sample, t, encoder_hidden_states=text, **added)
         if controlnet is not None:
-            controlnet(sample, torch.tensor([999]), encoder_hidden_states=text, controlnet_cond=torch.rand(1, 3, size * 8, size * 8))
+            factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)  # sketch pixels per latent (8, or 4 for mini)
+            controlnet(sample, t, encoder_hidden_states=text, controlnet_cond=torch.rand(1, 3, size * factor, size * factor, device=meta))
     return counter.get_total_flops() / 1e9
 
 
@@ -412,13 +475,15 @@ def markdown(report: dict) -> str:
     peak, peak_dtype = report["matmul_peak_gflops"], report.get("matmul_peak_dtype", "fp32")
     ref = rows.get("upstream")
     machine = report["machine"]
+    size = next((r["size"] for r in rows.values() if "size" in r), "?")
     columns = ["row", "text enc.", unet_label, "decoder", "end-to-end (median, min-max)", "vs (a)", "img/s b1", f"img/s b{batch}"]
     columns += [f"img/s {clients} clients (solo)"] if clients else []
     columns += ["first call", "peak GPU memory" if on_gpu else "peak RSS", f"{unet_label} GFLOP/s b1 (% peak)",
                 f"{unet_label} GFLOP/s b{batch} (% peak)", f"image vs {report.get('dtype', 'fp32')} engine (b)"]
     lines = [
         f"Command: `{report['command']}`  ",
-        f"Date: {report['date']}; model: `{report['model']}` (exact architecture, random weights unless a folder), {report['mode']}-to-image; "
+        f"Date: {report['date']}; model: `{report['model']}` (exact architecture, random weights unless a folder), {report['mode']}-to-image "
+        f"at {size}x{size}; "
         f"device: {report['device']}, {report.get('dtype', 'fp32')}; runs: {report['runs']} after one warm-up; batch {batch} in forwards of "
         f"{report.get('micro_batch') or 'the engine default (64 on cuda, 4 on cpu)'}.  ",
         f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
@@ -458,7 +523,8 @@ def markdown(report: dict) -> str:
             notes.append(f"{ROWS.get(name, name)}: {c['requests']} requests in {c['forwards']} forwards "
                          f"({c['requests'] / max(1, c['forwards']):.1f} images per forward); each answer vs the same request "
                          f"run alone: max diff {c['vs_solo_max_abs_diff']}/255 over {c['vs_solo_compared']} images.")
-    networks = "text encoder + U-Net + ControlNet + both VAEs" if report["mode"] == "sketch" else "text encoder + U-Net + both VAEs"
+    networks = ("text encoder + U-Net + ControlNet + both VAEs" if report["mode"] == "sketch" else
+                "both text encoders + U-Net + both VAEs" if report.get("sdxl") else "text encoder + U-Net + both VAEs")
     lines += ["", f"fp32 weights of the one-step networks ({networks}): {report['fp32_weights_bytes'] / 2**30:.2f} GiB."]
     if any("stages_s" in r and "unet" not in r["stages_s"] for r in rows.values()):
         lines += ["", "fused: the compiled path (the text encoder, then U-Net, step and decoder as one region: CUDA graphs on a "
@@ -510,14 +576,25 @@ def prepare_peer(args, tmp: Path) -> Path:
     return tmp / "peer-ov"
 
 
+def sdxl_row_problem(row: str) -> str | None:
+    """Why a row cannot run an SDXL-family model, or None."""
+    if row.startswith("openvino"):
+        return "the OpenVINO backend has no SDXL path (its IR has no inputs for SDXL's added conditions); use the torch rows"
+    if row in PEER_ROWS:
+        return "the peer rows run SD-1.x/2.x models only"
+    return None
+
+
 def run_parent(args) -> dict:
     from sdxs.build import count_parameters
-    from sdxs.registry import MODELS
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"error: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    sdxl = is_sdxl_model(args.model)
+    if sdxl and args.mode == "sketch":
+        raise SystemExit(f"error: {args.model} is an SDXL-family model, which has no sketch ControlNet; use --mode text.")
     dtype = rows_dtype(args.device, args.dtype)
     peak = matmul_peak(args.device, dtype)
     report = {
@@ -528,11 +605,13 @@ def run_parent(args) -> dict:
         "machine": machine_description(),
         "matmul_peak_gflops": peak["gflops"], "matmul_peak_dtype": peak["dtype"], "matmul_peak_n": peak["n"],
         "unet_gflop": unet_gflop_per_image(args.model, with_controlnet=args.mode == "sketch"),
+        "sdxl": sdxl,
         "rows": {},
     }
-    if args.model in MODELS:
+    if known_spec(args.model) is not None:
         counts = count_parameters(args.model)
-        report["fp32_weights_bytes"] = 4 * (counts["text_encoder"] + counts["unet"] + counts["vae_decoder"] + counts["vae_encoder"] + counts["vae_large"] + counts.get("controlnet", 0))
+        report["fp32_weights_bytes"] = 4 * sum(counts.get(name, 0) for name in (
+            "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "vae_large", "controlnet"))
     else:
         report["fp32_weights_bytes"] = sum(p.stat().st_size for p in Path(args.model).rglob("*.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -542,6 +621,10 @@ def run_parent(args) -> dict:
             cmd = [sys.executable, "-m", "sdxs.bench", "--worker", row, "--json-out", str(out), "--model", args.model, "--mode", args.mode,
                    "--device", args.device, "--dtype", dtype, "--runs", str(args.runs), "--batch", str(args.batch),
                    "--clients", str(args.clients)] + (["--micro-batch", str(args.micro_batch)] if args.micro_batch else [])
+            if sdxl and sdxl_row_problem(row):
+                report["rows"][row] = {"not_run": sdxl_row_problem(row)}
+                print(f"[bench] {row}: not run: {report['rows'][row]['not_run']}", file=sys.stderr, flush=True)
+                continue
             if row in PEER_ROWS:
                 problem = peer_problem(args)
                 if problem:
@@ -625,7 +708,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {err}") from None
     args.batch = args.batch or default_batch(args.device)
     if args.rows is None:
-        if args.device == "cpu":
+        if is_sdxl_model(args.model):  # the SDXL family runs on the torch backends only
+            args.rows = "upstream,torch" + ("" if args.device == "cpu" else ",torch-compile")
+        elif args.device == "cpu":
             from sdxs.openvino_backend import cpu_supports_bf16, openvino_available
 
             args.rows = "upstream,torch" + (",openvino" if openvino_available() else "") + (",openvino-bf16" if openvino_available() and cpu_supports_bf16() else "")

@@ -154,3 +154,58 @@ def test_gpu_table_shows_gpu_memory_and_fused_rows():
     assert compiled[8] == "**640.00** (solo 128.00: 5.0x)" and upstream[8] == "n/a"
     assert compiled[9] == "20.0 s (b64: 30.0 s)"  # first calls: batch 1, then the batched shape
     assert "64 requests in 8 forwards (8.0 images per forward)" in table and "fused: the compiled path" in table
+
+
+# --- the SDXL family (issue 17): sdxs-1024 at its native 1024x1024 -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_dir(tmp_path_factory):
+    from sdxs.build import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", family="sdxl")
+
+
+def test_bench_on_a_tiny_sdxl_model_runs_the_sdxl_pipeline_and_says_which_rows_cannot(tiny_sdxl_dir, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "sdxs.bench", "--model", str(tiny_sdxl_dir), "--rows", "upstream,torch,openvino,peer",
+           "--runs", "1", "--batch", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert "no SDXL path" in report["rows"].pop("openvino")["not_run"] and "SD-1.x/2.x" in report["rows"].pop("peer")["not_run"]
+    assert report["sdxl"] and report["unet_gflop"] > 0
+    upstream, torch_row = report["rows"]["upstream"], report["rows"]["torch"]
+    assert upstream["size"] == torch_row["size"] == 128  # the model's native size, not 512
+    assert upstream["agreement"]["max_abs_diff"] <= 1  # StableDiffusionXLPipeline and the engine: the same image
+    assert all(row["stages_s"]["text_encoder"]["median"] > 0 for row in (upstream, torch_row))
+    table = (tmp_path / "bench-table.md").read_text()
+    assert "text-to-image at 128x128" in table and "both text encoders" in table
+
+    proc = subprocess.run(cmd[:-2] + ["--mode", "sketch", "--out", str(tmp_path / "sketch")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "no sketch ControlNet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_sdxs_1024_id_builds_both_text_encoders_and_matches_the_sdxl_pipeline(monkeypatch):
+    """`--model sdxs-1024` builds the reference architecture with random weights (here swapped for the tiny
+    SDXL one: the real one is 1.6 B parameters): both text encoders, the second tokenizer padding with "!",
+    and the upstream row's StableDiffusionXLPipeline computes the engine's image."""
+    import dataclasses
+
+    import numpy as np
+
+    from sdxs import bench, registry
+    from sdxs.build import TINY_SDXL
+
+    spec = registry.REFERENCE_MODELS[registry.SDXS_1024]
+    monkeypatch.setitem(registry.REFERENCE_MODELS, registry.SDXS_1024, dataclasses.replace(spec, architecture=TINY_SDXL))
+    assert bench.known_spec("sdxs-1024") is not None and bench.is_sdxl_model("sdxs-1024")
+    assert bench.known_spec(registry.SDXL_BASE) is None  # a multi-step teacher is no bench model
+    engine = bench._build_engine("sdxs-1024", "torch", "cpu", None)
+    components = engine.torch_components
+    assert components.is_sdxl and components.text_encoder_2 is not None and components.tokenizer_2.pad_token == "!"
+    assert engine.native_size == 128
+    noise = engine.initial_noise([0], 128, 128)
+    upstream = np.asarray(bench._upstream_call(engine, bench.upstream_pipeline(engine), noise)[0], dtype=int)
+    ours = np.asarray(engine.text_to_image(bench.PROMPT, seed=0).images[0], dtype=int)
+    assert np.abs(upstream - ours).max() <= 1
