@@ -241,3 +241,22 @@ def test_stage_c_main_pairs_each_prompt_with_its_sdxl_conditions_and_guides_with
         assert torch.equal(cond.states, want.states) and torch.equal(cond.added["text_embeds"], want.added["text_embeds"])
         assert torch.equal(cond.added["time_ids"], want.added["time_ids"])
         assert not uncond.states.any() and not uncond.added["text_embeds"].any()  # the offline score's CFG negative
+
+
+def test_paper_1024_defaults_to_sdxl_base_and_says_how_to_get_it_when_it_is_not_here(tmp_path):
+    """`--preset paper-1024` without --teacher means SDXL base; offline and not in the HF cache, the run stops
+    before anything is written, naming the flag and the hub id."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, offline_env
+
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "train/distill_unet.py", "--preset", "paper-1024", "--prompts", str(tmp_path / "prompts.txt"),
+                           "--mixed_precision", "no", "--output_dir", str(out)], cwd=ROOT, env=offline_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "teacher stabilityai/stable-diffusion-xl-base-1.0" in proc.stderr
+    assert "error: --teacher stabilityai/stable-diffusion-xl-base-1.0" in proc.stderr
+    assert not (out / "checkpoints").exists()

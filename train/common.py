@@ -206,14 +206,18 @@ def quiet_libraries() -> None:
 def resolve_teacher(teacher: str | None, preset: str, output_dir: Path, accelerator) -> str:
     """--teacher, or without one: under --preset smoke a tiny random SD-style teacher built once in
     OUTPUT_DIR/tiny-teacher (train/tiny_teacher.py), under smoke-sdxl a tiny SDXL-shaped one in
-    OUTPUT_DIR/tiny-sdxl-teacher, under --preset mini the bundled models/emoji-teacher."""
+    OUTPUT_DIR/tiny-sdxl-teacher, under --preset mini the bundled models/emoji-teacher, under paper-1024
+    SDXL base (stabilityai/stable-diffusion-xl-base-1.0)."""
     if teacher:
         return teacher
     if preset == "mini":
         return str(EMOJI_TEACHER)
-    if preset == "paper-1024":
-        raise SystemExit("--teacher is required with --preset paper-1024: SDXL base (stabilityai/stable-diffusion-xl-base-1.0) "
-                         "or a folder of an SDXL-family pipeline in diffusers layout.")
+    if preset == "paper-1024":  # SDXS-1024's teacher, from the HF cache (or the hub when online)
+        from sdxs.registry import SDXL_BASE
+
+        if accelerator.is_main_process:
+            print(f"--preset paper-1024: teacher {SDXL_BASE} (give --teacher for another SDXL-family pipeline).", file=sys.stderr)
+        return SDXL_BASE
     if not is_smoke(preset):
         raise SystemExit("--teacher is required with --preset paper: a hub id or diffusers folder of an SD-style pipeline, "
                          "e.g. Lykon/dreamshaper-8 (SD-1.5 family) or an SD-2.1-base folder.")
