@@ -143,7 +143,8 @@ def upstream_pipeline(engine, sketch=None):
     parts = dict(vae=tc.decoders["tiny"], text_encoder=tc.text_encoder, tokenizer=tc.tokenizer, unet=tc.unet,
                  scheduler=scheduler_class.from_config(tc.scheduler_config))
     if tc.is_sdxl:
-        pipe = diffusers.StableDiffusionXLPipeline(text_encoder_2=tc.text_encoder_2, tokenizer_2=tc.tokenizer_2, **parts)
+        pipe = diffusers.StableDiffusionXLPipeline(text_encoder_2=tc.text_encoder_2, tokenizer_2=tc.tokenizer_2,
+                                                   add_watermarker=False, **parts)  # the engine adds none either
     else:
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = (diffusers.StableDiffusionControlNetPipeline(controlnet=tc.controlnet, **parts) if sketch

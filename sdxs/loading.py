@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 # What a one-step pipeline folder needs; other files in a hub repo (fp16 variants, .ckpt) are skipped.
 _WEIGHT_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 _IGNORE_PATTERNS = ["*.fp16.*", "*.ckpt", "*non_ema*", "*.onnx*", "*.msgpack", "*.h5"]
+# A pipeline repo (one with model_index.json) keeps its weights in component folders; safetensors at
+# its root are single-file checkpoints of the same model (SDXL base: two of 6.9 GB), never read here.
+_PIPELINE_WEIGHT_PATTERNS = ["*.json", "*.txt", "*/*.safetensors"]
 
 
 class ModelNotFoundError(RuntimeError):
@@ -90,7 +93,9 @@ def resolve_model_dir(model: str | os.PathLike, *, subfolders_with_weights: tupl
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot = Path(snapshot_download(name, allow_patterns=_WEIGHT_PATTERNS, ignore_patterns=_IGNORE_PATTERNS))
+        is_pipeline = (Path(snapshot_download(name, allow_patterns=["model_index.json"])) / "model_index.json").is_file()
+        patterns = _PIPELINE_WEIGHT_PATTERNS if is_pipeline else _WEIGHT_PATTERNS
+        snapshot = Path(snapshot_download(name, allow_patterns=patterns, ignore_patterns=_IGNORE_PATTERNS))
         # Components released only as pickles (.bin) are fetched only where no safetensors exist.
         missing = [sub for sub in subfolders_with_weights if not list((snapshot / sub).glob("*.safetensors"))]
         if missing:

@@ -1,6 +1,6 @@
 """Stage B (train/distill_unet.py): the block-removal recipe at full scale (meta device, no download),
-the weight mapping, the teacher check (SDXL accepted by the recipe, refused by main() for now: the SDXL recipe's
-tests are in test_distill_unet_sdxl.py), what kd_step compares (Eqs. 6-8) and what main()
+the weight mapping, the teacher check (SDXL-shaped teachers accepted; the SDXL recipe's tests are in
+test_distill_unet_sdxl.py, its runs in test_train_sdxl.py), what kd_step compares (Eqs. 6-8) and what main()
 feeds it, the finite-loss guard, a smoke run loaded by `sdxs`, a falling loss on a fixed batch, and resume."""
 
 import json

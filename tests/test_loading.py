@@ -252,3 +252,53 @@ def test_components_sdxs_never_loads_are_not_taken_for_custom_code(tiny_model_di
     (folder / "model_index.json").write_text(json.dumps(index))
     engine = SDXSEngine.from_pretrained(str(folder), device="cpu", backend="torch")
     assert engine.text_to_image("a cat", seed=0).images[0].size == (engine.native_size, engine.native_size)
+
+
+def fake_hub(monkeypatch, tmp_path, repos: dict):
+    """huggingface_hub.snapshot_download over local folders ({repo id: folder}), with the hub's pattern
+    semantics (huggingface_hub.utils.filter_repo_objects): each call copies the files it allows into a
+    snapshot folder and returns it; the calls' patterns are recorded."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        remote = repos[repo_id]
+        snapshot = tmp_path / "snapshots" / repo_id.replace("/", "--")
+        files = [p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(remote / name, snapshot / name)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_a_pipeline_repo_is_fetched_without_its_root_single_file_checkpoints(tmp_path, monkeypatch):
+    """SDXL base's repo holds, next to its component folders, two single-file checkpoints of 6.9 GB each at
+    its root: a pipeline repo (model_index.json) is fetched without root safetensors (and fp16 variants);
+    a repo without model_index.json (a TAESD decoder, a LoRA) keeps its root weights."""
+    from sdxs.build import make_tiny
+
+    pipeline = make_tiny(tmp_path / "remote-sdxl", family="sdxl")
+    (pipeline / "sd_xl_base_1.0.safetensors").write_bytes(b"single-file checkpoint")
+    (pipeline / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"fp16 variant")
+    decoder = tmp_path / "remote-taesd"
+    shutil.copytree(pipeline / "vae", decoder)
+    calls = fake_hub(monkeypatch, tmp_path, {"org/sdxl-like": pipeline, "org/taesd-like": decoder})
+
+    snapshot = resolve_model_dir("org/sdxl-like")
+    assert not (snapshot / "sd_xl_base_1.0.safetensors").exists() and not (snapshot / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    for sub in ("unet", "vae", "vae_large", "text_encoder", "text_encoder_2"):
+        assert (snapshot / sub / "config.json").is_file() and list((snapshot / sub).glob("*.safetensors")), sub
+    assert (snapshot / "tokenizer_2" / "vocab.json").is_file()
+    SDXSEngine.from_pretrained(str(snapshot), device="cpu", backend="torch")  # whole: it loads
+
+    snapshot = resolve_model_dir("org/taesd-like", subfolders_with_weights=("",))
+    assert list(snapshot.glob("*.safetensors")) and (snapshot / "config.json").is_file()
+    assert [patterns for _, patterns in calls if "model_index.json" not in patterns] == [
+        ["*.json", "*.txt", "*/*.safetensors"], ["*.json", "*.txt", "*.safetensors"]]

@@ -417,7 +417,7 @@ MUTATIONS: list[Mutation] = [
              (TRAIN_SDXL,),
              "SDXL base's CFG negative is the encoded empty prompt, not zeros as its pipeline"),
     Mutation("sdxl_zeros_flag_not_read", "train/common.py",
-             'zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)) if sdxl else False,',
+             'zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)) if sdxl else False,',
              "zeros_for_empty_prompt=False,",
              (TRAIN_SDXL,),
              "model_index.json's force_zeros_for_empty_prompt ignored"),

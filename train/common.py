@@ -322,7 +322,10 @@ def as_cond(cond: "TextCond | torch.Tensor") -> TextCond:
 class PromptEncoder:
     """Prompts -> TextCond, as the teacher's pipeline conditions its U-Net. SD: encode_prompts. SDXL (two
     encoders): encode_sdxl_prompts, plus the micro-conditioning of an uncropped image_size x image_size
-    image (sdxl_added_cond: training latents are whole images at that size, as the engine generates)."""
+    image (sdxl_added_cond: training latents are whole images at that size, as the engine generates).
+    With zeros_for_empty (SDXL base's force_zeros_for_empty_prompt) the empty prompt is all-zero text
+    states and pooled embedding: StableDiffusionXLPipeline's CFG negative, so a dropped caption (stage B)
+    and the negative of every guided sampler here are the same unconditional input."""
 
     tokenizers: tuple
     text_encoders: tuple
@@ -333,16 +336,15 @@ class PromptEncoder:
         if len(self.text_encoders) == 1:
             return TextCond(encode_prompts(self.tokenizers[0], self.text_encoders[0], prompts))
         states, pooled = encode_sdxl_prompts(self.tokenizers, self.text_encoders, prompts)
+        if self.zeros_for_empty:
+            empty = torch.tensor([p == "" for p in prompts], device=states.device)
+            states, pooled = states.masked_fill(empty.view(-1, 1, 1), 0), pooled.masked_fill(empty.view(-1, 1), 0)
         size = (self.image_size, self.image_size)
         return TextCond(states, sdxl_added_cond(pooled, size, size))
 
     def unconditional(self) -> TextCond:
-        """Classifier-free guidance's negative, a batch of one: the encoded empty prompt, or for SDXL base
-        (force_zeros_for_empty_prompt) all-zero text states and pooled embedding, as StableDiffusionXLPipeline."""
-        cond = self([""])
-        if self.zeros_for_empty:
-            cond = TextCond(torch.zeros_like(cond.states), {**cond.added, "text_embeds": torch.zeros_like(cond.added["text_embeds"])})
-        return cond
+        """Classifier-free guidance's negative, a batch of one: the empty prompt's conditions."""
+        return self([""])
 
 
 def resolve_model(model: str, flag: str, *, subfolders_with_weights: tuple[str, ...] = ()) -> Path:
@@ -407,7 +409,8 @@ def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: 
         scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
         tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2") if sdxl else None,
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", torch_dtype=dtype) if sdxl else None,
-        zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)) if sdxl else False,
+        # diffusers' StableDiffusionXLPipeline defaults it to True when model_index.json does not say
+        zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)) if sdxl else False,
     )
     for module in (*teacher.text_encoders, teacher.unet, teacher.vae):
         if module is not None:
@@ -1400,6 +1403,10 @@ def save_sdxs_pipeline(dest: Path, base_root: Path, *, unet=None, tiny_vae=None,
         components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(base_root / "text_encoder_2")
     with atomic_dir(dest) as tmp:
         save_pipeline_folder(components, base_root / "tokenizer", tmp, tokenizer_2_dir=base_root / "tokenizer_2" if sdxl else None)
+        if sdxl and (base_root / "model_index.json").is_file():  # the base's empty-prompt rule, as it was trained
+            base_index, index = (json.loads((folder / "model_index.json").read_text()) for folder in (base_root, tmp))
+            index["force_zeros_for_empty_prompt"] = base_index.get("force_zeros_for_empty_prompt", True)
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return Path(dest)
 
 

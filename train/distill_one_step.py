@@ -267,7 +267,8 @@ class UNetEncoder(torch.nn.Module):
 
     def __init__(self, unet, layers: list[int], timestep: int):
         super().__init__()
-        if unet.config.get("class_embed_type") or unet.config.get("addition_embed_type") not in (None, "text_time"):
+        if (unet.config.get("class_embed_type") or unet.config.get("num_class_embeds") or unet.config.get("encoder_hid_dim_type")
+                or unet.config.get("addition_embed_type") not in (None, "text_time")):
             raise ValueError("--fm_encoder unet supports SD-style and SDXL-style U-Nets (no class embeddings, no added "
                              "embeddings but SDXL's text_time).")
         if max(layers) >= len(unet.down_blocks):
@@ -281,6 +282,8 @@ class UNetEncoder(torch.nn.Module):
         emb = unet.time_embedding(unet.time_proj(t).to(x.dtype))
         if cond.added is not None:  # SDXL: + add_embedding(pooled, size ids), as UNet2DConditionModel.forward
             emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.states, added_cond_kwargs=cond.added)
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
         h, features = unet.conv_in(x), {}
         for i, block in enumerate(unet.down_blocks[: max(self.layers) + 1]):
             if getattr(block, "has_cross_attention", False):
