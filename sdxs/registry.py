@@ -99,7 +99,8 @@ MODELS: dict[str, ModelSpec] = {
 
 # --- known by their exact architecture only ---------------------------------------------------------
 # `sdxs arch` counts them and tests build them with random weights, but they are no one-step models this
-# package loads: the engine, the apps, the bench and the training scripts' lists use MODELS, not these.
+# package loads: the engine, the apps and the training scripts' lists use MODELS, not these. The bench
+# builds sdxs-1024 with random weights (`python -m sdxs.bench --model sdxs-1024`) and counts SDXL base's FLOPs.
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXS_1024 = "sdxs-1024"
