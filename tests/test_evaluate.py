@@ -56,3 +56,21 @@ def test_evaluate_refuses_a_folder_without_an_evaluation_network(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(SystemExit, match="--eval_tower"):
         evaluate.main(["--model", str(tmp_path), "--data", str(tmp_path)])
+
+
+def test_images_of_another_side_than_the_towers_are_resized_to_it():
+    """A 128 px model scored by the 64 px v1 evaluation tower: its images are brought to the tower's side
+    (bilinear, antialiased) before embedding, not refused or cropped."""
+    import torch.nn.functional as F
+    from transformers import CLIPModel
+
+    from train import evaluate as ev
+
+    from conftest import ROOT
+
+    tower = CLIPModel.from_pretrained(ROOT / "models" / "emoji-teacher" / "eval_tower").eval()
+    side = tower.config.vision_config.image_size
+    big = torch.rand(3, 3, 2 * side, 2 * side, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    small = F.interpolate(big, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(ev.image_embeddings(tower, big), ev.image_embeddings(tower, small), atol=1e-6)
+    assert not torch.allclose(ev.image_embeddings(tower, big), ev.image_embeddings(tower, small.flip(0)), atol=1e-3)

@@ -234,3 +234,56 @@ def test_the_caption_table_maps_names_and_short_names_of_one_style_to_training_c
     assert table["red"] == table["red circle 0"]  # a short name, first one wins
     assert "green circle 1" not in table  # twitter style in this folder: not the google table's
     assert reproduce_mini.caption_table(data, "twitter")["green circle 1"].endswith("twitter style")
+
+
+# --- teacher v2's geometry (issue 18: 128 px, an f=8 VAE) ---------------------------------------------
+
+
+def test_geometry_flags_follow_the_teachers_image_side_and_vae_factor(tmp_path):
+    from train.tiny_teacher import make_tiny_teacher
+
+    assert reproduce_mini.geometry_flags(TEACHER) == ([], [])  # v1: what the mini presets were made for
+    f8_64 = make_tiny_teacher(tmp_path / "f8-64")  # f=8 at 64 px: stage A needs a four-stage decoder
+    taesd = ["--decoder_blocks", "3,3,3,1", "--encoder_blocks", "1,3,3,3"]
+    assert reproduce_mini.geometry_flags(f8_64) == ([], taesd)
+    f8_128 = make_tiny_teacher(tmp_path / "f8-128", image_size=128)  # teacher v2's geometry
+    assert common.teacher_native_size(f8_128) == 128
+    assert reproduce_mini.geometry_flags(f8_128) == (["--resolution", "128"], taesd)
+    commands = dict(reproduce_mini.stage_commands(tmp_path / "run", tmp_path / "data", f8_128, smoke=False, ablation=True))
+    for name, argv in commands.items():
+        assert argv[argv.index("--resolution") + 1] == "128", name  # every stage at the teacher's side
+        assert ("--decoder_blocks" in argv) == (name == "decoder"), name
+
+
+@pytest.fixture(scope="module")
+def smoke_run_128(tmp_path_factory):
+    """`reproduce_mini.py --smoke` on a teacher of teacher v2's geometry (a tiny random one at 128 px with
+    an f=8 VAE, and the bundled teacher's evaluation tower), evaluation and sketch chain included."""
+    import shutil
+
+    from train.tiny_teacher import make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("mini128")
+    data = emoji_like_folder(root / "data")
+    teacher = make_tiny_teacher(root / "teacher", image_size=128)
+    shutil.copytree(TEACHER / "eval_tower", teacher / "eval_tower")
+    out = root / "run"
+    result = subprocess.run([sys.executable, "train/reproduce_mini.py", "--output_dir", str(out), "--data", str(data), "--teacher",
+                             str(teacher), "--smoke", "--no_ablation"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, teacher
+
+
+def test_a_128_px_f8_teacher_runs_through_every_stage_and_the_tables(smoke_run_128):
+    from sdxs import SDXSEngine
+
+    out, teacher = smoke_run_128
+    decoder = json.loads((out / "decoder" / "final" / "vae" / "config.json").read_text())
+    assert list(decoder["num_decoder_blocks"]) == [3, 3, 3, 1]  # one stage per 2x of the f=8 VAE
+    engine = SDXSEngine.from_pretrained(str(out / "one-step" / "final"), device="cpu", backend="torch")
+    assert engine.native_size == 128 and engine.text_to_image("red circle", seed=0).images[0].size == (128, 128)
+    sketch = SDXSEngine.from_pretrained(str(out / "controlnet-one-step" / "final"), device="cpu", backend="torch")
+    assert sketch.native_size == 128 and sketch.components.controlnet is not None
+    stages = json.loads((out / "eval" / "stages.json").read_text())
+    assert {row["key"] for row in stages["rows"]} >= {"teacher", "mini_sdxs"} and stages["settings"]["n_val"] == 8
+    assert (out / "eval-controlnet" / "controlnet.json").is_file()

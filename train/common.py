@@ -373,6 +373,13 @@ def teacher_vae_factor(root: Path) -> int:
     return vae_factor(json.loads((vae_dir / "config.json").read_text()))
 
 
+def teacher_native_size(root: Path) -> int:
+    """The image side a teacher pipeline folder is trained at: its U-Net's latent side x its VAE factor
+    (the emoji teachers: 16 x 4 = 64 for v1, 16 x 8 = 128 for v2; SD-1.5: 64 x 8 = 512)."""
+    sample_size = json.loads((Path(root) / "unet" / "config.json").read_text())["sample_size"]
+    return int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size) * teacher_vae_factor(Path(root))
+
+
 def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: bool = True, flag: str = "--teacher") -> Teacher:
     """Load a teacher (hub id or local diffusers folder) frozen, in eval mode, on `device`.
 

@@ -75,8 +75,18 @@ def _embeddings(out) -> torch.Tensor:
 
 @torch.no_grad()
 def image_embeddings(tower, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Projected image embeddings (N, projection_dim) of images in [-1, 1], as the tower was trained on them."""
-    return torch.cat([_embeddings(tower.get_image_features(pixel_values=images[i : i + batch_size].float()))
+    """Projected image embeddings (N, projection_dim) of images in [-1, 1], as the tower was trained on them.
+    Images of another side than the tower's (a 128 px model scored by the 64 px v1 tower) are resized to it
+    first (bilinear, antialiased)."""
+    side = tower.config.vision_config.image_size
+
+    def fit(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.float()
+        if batch.shape[-2:] != (side, side):
+            batch = torch.nn.functional.interpolate(batch, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        return batch
+
+    return torch.cat([_embeddings(tower.get_image_features(pixel_values=fit(images[i : i + batch_size])))
                       for i in range(0, len(images), batch_size)])
 
 

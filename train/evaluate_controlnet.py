@@ -39,12 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from train import controls
+from train import common, controls
 from train import evaluate as ev
 from train import evaluate_stages as stages
 
 ROOT = Path(__file__).resolve().parents[1]
-RESOLUTION = 64  # the emoji models' image side; their ControlNets read 64x64 controls
 SAMPLING_BATCH = 64
 
 
@@ -267,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tower = CLIPModel.from_pretrained(tower_dir).eval()
     tokenizer = CLIPTokenizer.from_pretrained(tower_dir if (tower_dir / "tokenizer_config.json").is_file() else teacher / "tokenizer")
-    val, captions, _ = ev.load_split(data / "val", "text", RESOLUTION, limit=args.num_images)
+    resolution = common.teacher_native_size(teacher)  # the models' image side: their ControlNets read controls that size
+    val, captions, _ = ev.load_split(data / "val", "text", resolution, limit=args.num_images)
     estimator = controls.load_depth_estimator(args.depth_estimator) if args.control == "depth" else None
     control_images = controls.extract(args.control, controls.to_pil_images(val), depth_estimator=estimator)
     keep = [i for i, control in enumerate(control_images) if not is_empty_control(args.control, control)]
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # fidelity compares sketches: the input sketch itself, or the real image's sketch for other control kinds
     references = control_images if args.control == "sketch" else controls.extract("sketch", real_images)
 
-    train_images, _, _ = ev.load_split(data / "train", "text", RESOLUTION, limit=len(val), pick_seed=args.seed)
+    train_images, _, _ = ev.load_split(data / "train", "text", resolution, limit=len(val), pick_seed=args.seed)
     text = ev.text_embeddings(tower, tokenizer, captions)
     real = ev.image_embeddings(tower, val)
     recon = ev.reconstruct(AutoencoderKL.from_pretrained(teacher / "vae").eval(), val)

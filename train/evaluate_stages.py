@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from train import common
 from train import evaluate as ev
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tower = CLIPModel.from_pretrained(tower_dir).eval()
     tokenizer = CLIPTokenizer.from_pretrained(tower_dir if (tower_dir / "tokenizer_config.json").is_file() else teacher / "tokenizer")
-    resolution = 64
+    resolution = common.teacher_native_size(teacher)  # 64 for the v1 emoji teacher, 128 for v2
     val, captions, metas = ev.load_split(data / "val", "text", resolution, limit=args.num_images)
     train_images, _, _ = ev.load_split(data / "train", "text", resolution, limit=len(val), pick_seed=args.seed)
     text = ev.text_embeddings(tower, tokenizer, captions)

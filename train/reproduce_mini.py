@@ -56,10 +56,31 @@ SMOKE = {
 SMOKE_EVAL = ["--num_images", "8", "--teacher_steps", "2", "--latency_runs", "2"]
 
 
+def geometry_flags(teacher: Path) -> tuple[list[str], list[str]]:
+    """What the mini presets (made for the v1 emoji teacher: 64 px, an f=4 VAE) need changed for another
+    teacher, e.g. teacher v2 (128 px, f=8): (flags of every stage, flags of stage A). Every stage runs at the
+    teacher's image side; stage A's decoder gets TAESD's pattern with one stage per 2x of the teacher's
+    VAE (f=8: 3,3,3,1, the released SDXS decoder's shape). Nothing changes for the v1 teacher."""
+    from train.common import teacher_native_size, teacher_vae_factor
+    from train.distill_decoder import PRESETS as PRESETS_DECODER
+
+    every, decoder = [], []
+    if not all((teacher / sub / "config.json").is_file() for sub in ("unet", "vae")):
+        return every, decoder  # not a complete pipeline folder: the first stage's teacher check says what is missing
+    resolution, stages = teacher_native_size(teacher), teacher_vae_factor(teacher).bit_length()
+    if resolution != PRESETS_DECODER["mini"]["resolution"]:
+        every = ["--resolution", str(resolution)]
+    decoder_blocks, encoder_blocks = (3,) * (stages - 1) + (1,), (1,) + (3,) * (stages - 1)
+    if (decoder_blocks, encoder_blocks) != (PRESETS_DECODER["mini"]["decoder_blocks"], PRESETS_DECODER["mini"]["encoder_blocks"]):
+        decoder = ["--decoder_blocks", ",".join(map(str, decoder_blocks)), "--encoder_blocks", ",".join(map(str, encoder_blocks))]
+    return every, decoder
+
+
 def stage_commands(out: Path, data: Path, teacher: Path, *, smoke: bool, ablation: bool, controlnet: bool = True) -> list[tuple[str, list[str]]]:
     """(name, argv) of every training run, in order; each writes OUTPUT_DIR/<name>/final."""
+    every, decoder = geometry_flags(teacher)
     shared = ["--preset", "mini", "--teacher", str(teacher), "--image_folder", str(data / "train"),
-              "--cache_dir", str(out / "cache"), "--resume", "latest"]
+              "--cache_dir", str(out / "cache"), "--resume", "latest", *every]
     tiny = str(out / "decoder" / "final" / "vae")
 
     def run(script: str, name: str, *extra: str) -> tuple[str, list[str]]:
@@ -68,7 +89,7 @@ def stage_commands(out: Path, data: Path, teacher: Path, *, smoke: bool, ablatio
         return name, [f"train/{script}", *shared, "--output_dir", str(out / name), *(SMOKE[key] if smoke else []), *extra]
 
     commands = [
-        run("distill_decoder.py", "decoder"),
+        run("distill_decoder.py", "decoder", *decoder),
         run("distill_unet.py", "unet", "--tiny_decoder", tiny),
         run("distill_one_step.py", "one-step", "--student", str(out / "unet" / "final"), "--tiny_decoder", tiny),
     ]
@@ -167,24 +188,33 @@ def copy_model_files(src: Path, dest: Path) -> None:
                     target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def caption_table(data: Path, style: str = "google") -> dict[str, str]:
+CAPTION_STYLES = ("google", "noto")  # the style captions.json is written in: the first the data has (v1: google, v2: noto)
+
+
+def caption_table(data: Path, style: str | None = None) -> dict[str, str]:
     """{emoji name or short name (lower case): its training caption} over the data's train and val
-    metadata, one style, skin-tone variants left out; a name wins over another emoji's short name.
-    The built-in model's apps read it (sdxs.registry, captions.json) to turn "red apple" into the
-    caption the model was trained on."""
+    metadata, one style (default: the first of CAPTION_STYLES the data has), skin-tone variants left out;
+    a name wins over another emoji's short name. The built-in model's apps read it (sdxs.registry,
+    captions.json) to turn "red apple" into the caption the model was trained on."""
+    rows = [json.loads(line) for split in ("train", "val")
+            for line in (data / split / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    if style is None:
+        present = {row.get("style") for row in rows}
+        style = next((s for s in CAPTION_STYLES if s in present), None)
+        if style is None:
+            raise SystemExit(f"{data}: none of the caption styles {', '.join(CAPTION_STYLES)} in its metadata; styles there: "
+                             f"{', '.join(sorted(str(s) for s in present))}.")
     names, short = {}, {}
-    for split in ("train", "val"):
-        for line in (data / split / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.get("style") != style or row.get("skin_tone") or not row.get("name"):
-                continue
-            text, name = row["text"], row["name"].lower()
-            names.setdefault(name, text)
-            head = f"an emoji of {name}"
-            if text.startswith(head) and ", category " in text:  # "..., SHORT NAMES, category ..."
-                for alias in text[len(head):text.index(", category ")].split(", "):
-                    if alias.strip():
-                        short.setdefault(alias.strip(), text)
+    for row in rows:
+        if row.get("style") != style or row.get("skin_tone") or not row.get("name"):
+            continue
+        text, name = row["text"], row["name"].lower()
+        names.setdefault(name, text)
+        head = f"an emoji of {name}"
+        if text.startswith(head) and ", category " in text:  # "..., SHORT NAMES, category ..."
+            for alias in text[len(head):text.index(", category ")].split(", "):
+                if alias.strip():
+                    short.setdefault(alias.strip(), text)
     return {**short, **names}
 
 

@@ -97,8 +97,9 @@ TINY_SDXL_TEACHER_VAE = dict(arch.TINY_SD_VAE, sample_size=64, scaling_factor=ar
 FAMILIES = ("sd", "sdxl")
 
 
-def make_tiny_teacher(dest: str | Path, *, seed: int = 0, family: str = "sd") -> Path:
-    """Write the tiny random teacher of `family` ("sd" or "sdxl") to `dest` (a new folder; written whole or not at all)."""
+def make_tiny_teacher(dest: str | Path, *, seed: int = 0, family: str = "sd", image_size: int = 64) -> Path:
+    """Write the tiny random teacher of `family` ("sd" or "sdxl") to `dest` (a new folder; written whole or not at all),
+    for images of `image_size` pixels (a multiple of 64; its f=8 VAE makes image_size / 8 latents)."""
     import diffusers
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -111,13 +112,15 @@ def make_tiny_teacher(dest: str | Path, *, seed: int = 0, family: str = "sd") ->
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and is not empty; choose a new folder.")
+    if image_size % 64:
+        raise ValueError(f"image_size must be a multiple of 64; got {image_size}.")
     torch.manual_seed(seed)
     sdxl = family == "sdxl"
     scheduler_class, scheduler_config = arch.SDXL_EULER_SCHEDULER if sdxl else SD_SCHEDULER
     components = {
         "text_encoder": CLIPTextModel(CLIPTextConfig(**(TINY_SDXL_TEXT if sdxl else arch.TINY_TEXT))).eval(),
-        "unet": diffusers.UNet2DConditionModel(**(TINY_SDXL_TEACHER_UNET if sdxl else TINY_TEACHER_UNET)).eval(),
-        "vae": diffusers.AutoencoderKL(**(TINY_SDXL_TEACHER_VAE if sdxl else TINY_TEACHER_VAE)).eval(),
+        "unet": diffusers.UNet2DConditionModel(**{**(TINY_SDXL_TEACHER_UNET if sdxl else TINY_TEACHER_UNET), "sample_size": image_size // 8}).eval(),
+        "vae": diffusers.AutoencoderKL(**{**(TINY_SDXL_TEACHER_VAE if sdxl else TINY_TEACHER_VAE), "sample_size": image_size}).eval(),
         "scheduler": getattr(diffusers, scheduler_class).from_config(scheduler_config),
     }
     if sdxl:
