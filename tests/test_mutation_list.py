@@ -1,5 +1,6 @@
 """tools/mutation_check.py's list stays runnable: every mutation's text is found exactly once in its file
-(a stale one would stop a full run midway), names are unique, and the tests it names exist."""
+(a stale one would stop a full run midway), the mutated file still compiles (a syntax error would make
+every test fail and count as a catch), names are unique, and the tests it names exist."""
 
 import importlib.util
 import sys
@@ -22,6 +23,7 @@ def test_every_mutation_applies_exactly_once_and_names_existing_tests():
     for m in mutations:
         assert (ROOT / m.file).read_text().count(m.old) == 1, m.name
         assert m.old != m.new, m.name
+        compile((ROOT / m.file).read_text().replace(m.old, m.new), m.file, "exec")  # a bug, not a syntax error
         for test in m.tests:
             path, _, name = test.partition("::")
             assert (ROOT / path).is_file(), (m.name, test)

@@ -146,7 +146,7 @@ MUTATIONS: list[Mutation] = [
              "an image with no metadata line is silently ignored"),
     Mutation("data_summary_not_printed", "train/common.py",
              '        print(report.summary(), file=sys.stderr)\n',
-             '',
+             '        pass\n',
              (f"{COMMON[0]}::test_stage_run_on_a_folder_with_bad_records_skips_and_reports_them",),
              "skipped records are not reported"),
     Mutation("data_report_not_in_cache_meta", "train/common.py",
