@@ -183,7 +183,7 @@ def test_a_non_finite_step_is_skipped_without_touching_the_weights(smoke_args, t
 
     args = teacher.parse_args(["--preset", "smoke", "--output_dir", str(tmp_path), "--skip_nonfinite", "1"])
     model = torch.nn.Linear(3, 1)
-    optimizer, schedule = teacher.adamw(model, 1e-2)
+    optimizer, schedule = teacher.adamw(model, 1e-2, 4, 0)
     try:
         phase = teacher.Phase(args, "vae", 4, ["loss"], [model, optimizer], [schedule])
         model, optimizer = phase.prepared
@@ -320,3 +320,71 @@ def test_v2_preset_is_an_f8_teacher_on_16x16_latents_whose_final_folder_fits_60_
     assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 16
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     assert {t.dtype for t in load_file(final / "eval_tower" / "model.safetensors").values()} == {torch.float16}
+
+
+def test_lr_schedule_warms_up_holds_then_decays_linearly_over_the_last_steps():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = common.warmup_stable_decay(optimizer, warmup_steps=4, total_steps=20, decay_steps=8)
+    used = []  # the LR each optimizer step 1..20 runs with
+    for _ in range(20):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert used[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert used[4:12] == pytest.approx([1.0] * 8)  # steps 5-12 constant
+    assert used[12:] == pytest.approx([1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])  # the last 8 fall towards 0
+    plain = common.warmup_stable_decay(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 4, 20, 0)
+    assert [plain.lr_lambdas[0](k) for k in (0, 10, 19, 25)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
+
+
+def test_each_phase_runs_with_its_own_decay(tmp_path):
+    """main() wires --PHASE_decay_steps of each phase into that phase's schedule: log.csv's lr column (the LR
+    after each step's schedule step) follows warm-up (50) and decay of that phase's steps, not another's."""
+    out = tmp_path / "run"
+    plan = {"vae": (58, 10), "clip": (56, 8), "unet": (54, 5)}  # steps, decay steps: past the warm-up, so the decay shows
+    flags = [f for phase, (steps, decay) in plan.items() for f in (f"--{phase}_steps", str(steps), f"--{phase}_decay_steps", str(decay))]
+    assert run_stage(teacher, out, *flags, "--checkpoint_every", "100", "--sample_every", "0") == 0
+    for phase, (steps, decay) in plan.items():
+        lr = teacher.PRESETS["smoke"][f"{phase}_lr"]
+        logged = [float(r["lr"]) for r in read_log(out / phase) if r["lr"]]
+        expected = [lr * min((k + 1) / 50, min(1.0, (steps - k) / decay)) for k in range(1, steps + 1)]
+        assert logged == pytest.approx(expected), phase
+        assert json.loads((out / phase / "final" / "done.json").read_text())["steps"] == steps
+
+
+def test_a_finished_phase_extended_before_the_unet_trains_equals_a_run_planned_that_long(tmp_path, capsys):
+    short, planned = tmp_path / "short", tmp_path / "planned"
+    stop_in_clip = ("--stop_phase", "clip", "--stop_after_step", "1")
+    assert run_stage(teacher, planned, "--vae_steps", "6", "--vae_decay_steps", "2", *stop_in_clip) == 0
+    assert run_stage(teacher, short, *stop_in_clip) == 0  # vae finished at 4 steps, constant LR
+    assert json.loads((short / "vae" / "final" / "done.json").read_text())["steps"] == 4
+    with pytest.raises(SystemExit, match="vae_decay_steps: 0 -> 2"):  # the decay is a setting like any other
+        run_stage(teacher, short, "--resume", "latest", "--vae_steps", "6", "--vae_decay_steps", "2", *stop_in_clip)
+    capsys.readouterr()
+    assert run_stage(teacher, short, "--resume", "latest", "--vae_steps", "6", "--vae_decay_steps", "2",
+                     "--allow_changed", "vae_decay_steps", *stop_in_clip) == 0
+    err = capsys.readouterr().err
+    assert "[vae] reopening the finished phase: 4 -> 6 steps." in err and "[vae] resumed from" in err
+    assert json.loads((short / "vae" / "final" / "done.json").read_text())["steps"] == 6
+    assert [int(r["step"]) for r in read_log(short / "vae") if r["loss"]] == [1, 2, 3, 4, 5, 6]
+    a = load_file(short / "vae" / "final" / "diffusion_pytorch_model.safetensors")
+    b = load_file(planned / "vae" / "final" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_phase_is_not_extended_under_a_trained_unet_or_without_its_checkpoint(smoke_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for phase in ("vae", "clip"):
+        with pytest.raises(SystemExit, match=f"finished {phase} phase \\(4 steps\\), but the U-Net phase has already trained"):
+            run_stage(teacher, run, "--resume", "latest", f"--{phase}_steps", "6")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written, config.json included
+    shutil.rmtree(run / "unet")
+    shutil.rmtree(run / "vae" / "checkpoints")
+    with pytest.raises(SystemExit, match="checkpoint of its last step is gone"):
+        run_stage(teacher, run, "--resume", "latest", "--vae_steps", "6")
+    assert run_stage(teacher, run, "--resume", "latest", "--vae_steps", "3", "--stop_phase", "unet", "--stop_after_step", "1") == 0
+    assert json.loads((run / "vae" / "final" / "done.json").read_text())["steps"] == 4  # fewer steps: kept as it is

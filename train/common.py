@@ -967,6 +967,16 @@ def warmup_then_constant(optimizer, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
+def warmup_stable_decay(optimizer, warmup_steps: int, total_steps: int, decay_steps: int):
+    """LR multiplier: linear warm-up over `warmup_steps`, then 1, then a linear decay towards 0 over the last
+    `decay_steps` of `total_steps` (0: none, warmup_then_constant). A run can be extended before its decay begins
+    and follow the same curve as one planned that long from the start. Stepped once per optimizer step."""
+    def multiplier(step: int) -> float:  # step: optimizer steps taken so far (0-based index of the next one)
+        decay = min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
+        return max(0.0, min((step + 1) / max(1, warmup_steps), decay))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
 def make_ema(model: torch.nn.Module, decay: float) -> torch.nn.Module | None:
     """A frozen copy of `model` that ema_update keeps as the exponential moving average; None if decay is 0."""
     return copy.deepcopy(model).requires_grad_(False).eval() if decay > 0 else None

@@ -6,7 +6,7 @@ Tiny run on a CPU (seconds; builds a synthetic coloured-shapes data set in OUT/s
 The emoji teacher (2-core CPU budget: 90 minutes; see train/README.md "Small teacher (issue 7)"):
     python train/emoji_data.py --out data/emoji
     python train/train_teacher.py --preset full --data data/emoji --output_dir outputs/teacher
-Teacher v2 at 128 px, f=8 VAE (~10 h on one CPU thread, in the background; train/README.md "Teacher v2"):
+Teacher v2 at 128 px, f=8 VAE (~11.5 h on one CPU thread, in the background; train/README.md "Teacher v2"):
     python train/emoji_data.py --out data/emoji128 --image_size 128
     python train/train_teacher.py --preset v2 --data data/emoji128 --output_dir outputs/teacher-v2
 Resume a killed run: the same command plus `--resume latest` (finished phases are skipped, the current
@@ -62,10 +62,11 @@ SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.01
 PRESETS = {
     "smoke": {
         "resolution": 32, "num_threads": 1, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, "sample_every": 2,
-        "vae_channels": (8, 16, 16), "vae_steps": 4, "vae_batch_size": 8, "vae_lr": 1e-3, "kl_weight": 1e-6,
+        "vae_channels": (8, 16, 16), "vae_steps": 4, "vae_batch_size": 8, "vae_lr": 1e-3, "vae_decay_steps": 0, "kl_weight": 1e-6,
         "text_width": 32, "text_layers": 2, "vision_width": 32, "vision_layers": 2, "patch_size": 8, "projection_dim": 32,
-        "clip_steps": 4, "clip_batch_size": 8, "clip_lr": 1e-3,
-        "unet_channels": (16, 32), "unet_layers": 1, "unet_steps": 4, "unet_batch_size": 8, "unet_lr": 1e-3, "ema_decay": 0.9,
+        "clip_steps": 4, "clip_batch_size": 8, "clip_lr": 1e-3, "clip_decay_steps": 0,
+        "unet_channels": (16, 32), "unet_layers": 1, "unet_steps": 4, "unet_batch_size": 8, "unet_lr": 1e-3, "unet_decay_steps": 0,
+        "ema_decay": 0.9,
         "caption_dropout": 0.1, "sample_steps": 4, "sample_guidance": 3.0, "save_dtype": "fp16",
     },
     # full: steps sized from timing probes on the idle 2-core CPU, 2 threads (train/README.md): VAE 0.95 M params
@@ -73,10 +74,11 @@ PRESETS = {
     # + ~2-3 min of caching, grids and checkpoints, < 90 min. Another job on the cores makes 2 threads 2-4x slower.
     "full": {
         "resolution": 64, "num_threads": 2, "checkpoint_every": 200, "keep_checkpoints": 2, "log_every": 10, "sample_every": 500,
-        "vae_channels": (32, 64, 64), "vae_steps": 1000, "vae_batch_size": 32, "vae_lr": 1e-3, "kl_weight": 1e-6,
+        "vae_channels": (32, 64, 64), "vae_steps": 1000, "vae_batch_size": 32, "vae_lr": 1e-3, "vae_decay_steps": 0, "kl_weight": 1e-6,
         "text_width": 128, "text_layers": 4, "vision_width": 128, "vision_layers": 4, "patch_size": 8, "projection_dim": 128,
-        "clip_steps": 1000, "clip_batch_size": 128, "clip_lr": 5e-4,
-        "unet_channels": (64, 128, 128), "unet_layers": 1, "unet_steps": 2800, "unet_batch_size": 64, "unet_lr": 5e-4, "ema_decay": 0.999,
+        "clip_steps": 1000, "clip_batch_size": 128, "clip_lr": 5e-4, "clip_decay_steps": 0,
+        "unet_channels": (64, 128, 128), "unet_layers": 1, "unet_steps": 2800, "unet_batch_size": 64, "unet_lr": 5e-4, "unet_decay_steps": 0,
+        "ema_decay": 0.999,
         "caption_dropout": 0.1, "sample_steps": 25, "sample_guidance": 4.0, "save_dtype": "fp16",
     },
     # v2 (issue 18): 128 px with an f=8 VAE, so the U-Net keeps full's 16x16x4 latents and its widths. Sized from
@@ -84,13 +86,16 @@ PRESETS = {
     # 0.86 M params 1.8 s/step at batch 16, CLIP with patch 16 (8x8 tokens at 128 px, as full's patch 8 at 64 px)
     # 1.3 s/step, U-Net 6.7 M 1.7 s/step -> ~4 h + 0.7 h + 5.6 h. The VAE is the widest f=8 one that keeps the
     # final folder's weights under 60 MB beside full's text encoder and U-Net. A checkpoint every 250 steps is
-    # 5-8 minutes of CPU time, so a killed session loses little.
+    # 5-8 minutes of CPU time, so a killed session loses little. Each phase ends with a linear LR decay (*_decay_steps):
+    # the VAE's 8,000 constant-LR steps reached 26.7 dB val PSNR, and its loss had stopped falling at that LR.
     "v2": {
         "resolution": 128, "num_threads": 1, "checkpoint_every": 250, "keep_checkpoints": 2, "log_every": 50, "sample_every": 1000,
-        "vae_channels": (16, 32, 48, 64), "vae_steps": 8000, "vae_batch_size": 16, "vae_lr": 1e-3, "kl_weight": 1e-6,
+        "vae_channels": (16, 32, 48, 64), "vae_steps": 11000, "vae_batch_size": 16, "vae_lr": 1e-3, "vae_decay_steps": 3000,
+        "kl_weight": 1e-6,
         "text_width": 128, "text_layers": 4, "vision_width": 128, "vision_layers": 4, "patch_size": 16, "projection_dim": 128,
-        "clip_steps": 2000, "clip_batch_size": 128, "clip_lr": 5e-4,
-        "unet_channels": (64, 128, 128), "unet_layers": 1, "unet_steps": 12000, "unet_batch_size": 64, "unet_lr": 5e-4, "ema_decay": 0.9995,
+        "clip_steps": 2000, "clip_batch_size": 128, "clip_lr": 5e-4, "clip_decay_steps": 500,
+        "unet_channels": (64, 128, 128), "unet_layers": 1, "unet_steps": 12000, "unet_batch_size": 64, "unet_lr": 5e-4, "unet_decay_steps": 2000,
+        "ema_decay": 0.9995,
         "caption_dropout": 0.1, "sample_steps": 25, "sample_guidance": 4.0, "save_dtype": "fp16",
     },
 }
@@ -107,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--preset", required=True, choices=list(PRESETS), help="smoke: tiny models, seconds (what the tests run); "
-                     "full: the emoji teacher, ~90 min on 2 CPU cores; v2: the 128 px teacher (f=8 VAE), ~10 h on 1 CPU thread. "
+                     "full: the emoji teacher, ~90 min on 2 CPU cores; v2: the 128 px teacher (f=8 VAE), ~11.5 h on 1 CPU thread. "
                      "Flags showing [preset ...] take the preset's value unless given.")
     run.add_argument("--output_dir", required=True, help="run folder: vae/, clip/, unet/ (one per phase), eval_tower/, final/")
     run.add_argument("--data", default=None, help="image-caption folder with train/ and val/ imagefolders (images + metadata.jsonl "
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--vae_steps", type=int, help="optimizer steps (preset)")
     vae.add_argument("--vae_batch_size", type=int, help="(preset)")
     vae.add_argument("--vae_lr", type=float, help="AdamW learning rate (preset)")
+    vae.add_argument("--vae_decay_steps", type=int, help="linear LR decay to 0 over the last N steps, 0 = constant to the end (preset)")
     vae.add_argument("--kl_weight", type=float, help="weight of the KL term (preset)")
 
     clip = parser.add_argument_group("phase 2: CLIP text encoder + image tower")
@@ -155,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--clip_steps", type=int, help="optimizer steps (preset)")
     clip.add_argument("--clip_batch_size", type=int, help="pairs per step (the contrastive negatives) (preset)")
     clip.add_argument("--clip_lr", type=float, help="AdamW learning rate (preset)")
+    clip.add_argument("--clip_decay_steps", type=int, help="linear LR decay to 0 over the last N steps, 0 = constant to the end (preset)")
 
     unet = parser.add_argument_group("phase 3: epsilon-prediction U-Net")
     unet.add_argument("--unet_channels", type=ints, help="block_out_channels; cross-attention at every stage but the first (preset)")
@@ -162,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     unet.add_argument("--unet_steps", type=int, help="optimizer steps (preset)")
     unet.add_argument("--unet_batch_size", type=int, help="(preset)")
     unet.add_argument("--unet_lr", type=float, help="AdamW learning rate (preset)")
+    unet.add_argument("--unet_decay_steps", type=int, help="linear LR decay to 0 over the last N steps, 0 = constant to the end (preset)")
     unet.add_argument("--ema_decay", type=float, help="EMA of the U-Net; the final U-Net is the EMA when > 0 (preset)")
     unet.add_argument("--caption_dropout", type=float, help="probability of the empty caption, for classifier-free guidance (preset)")
     unet.add_argument("--sample_steps", type=int, help="DPM-Solver++ steps of the sample grids (preset)")
@@ -188,6 +196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "checkpoint_every", "keep_checkpoints", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1; got {getattr(args, name)}.")
+    for name in PHASES:
+        if not 0 <= getattr(args, f"{name}_decay_steps") <= getattr(args, f"{name}_steps"):
+            parser.error(f"--{name}_decay_steps must be between 0 and --{name}_steps ({getattr(args, f'{name}_steps')}); "
+                         f"got {getattr(args, f'{name}_decay_steps')}.")
     if args.clip_batch_size < 2:
         parser.error("--clip_batch_size must be at least 2 (the other pairs of the batch are the negatives).")
     if not 0 <= args.max_bad_fraction <= 1:
@@ -268,6 +280,28 @@ def phase_done(output_dir: Path, phase: str) -> bool:
     return (output_dir / phase / "final" / "done.json").is_file()
 
 
+def phase_finished(output_dir: Path, phase: str, steps: int) -> bool:
+    """Whether `phase` is finished for `steps` optimizer steps (its final/done.json records at least as many).
+    A phase finished with fewer (its --PHASE_steps raised since) is reopened: it continues from the checkpoint of
+    its last step, with the schedule of the longer run. Refused once the U-Net phase has trained on its output."""
+    done = output_dir / phase / "final" / "done.json"
+    if not done.is_file():
+        return False
+    trained = json.loads(done.read_text()).get("steps", steps)  # done.json before it recorded steps: finished as it is
+    if trained >= steps:
+        return True
+    unet_dir = output_dir / "unet"
+    if phase != "unet" and ((unet_dir / "final").exists() or common.find_checkpoint(unet_dir, "latest") is not None):
+        raise SystemExit(f"--{phase}_steps {steps} would extend the finished {phase} phase ({trained} steps), but the U-Net phase "
+                         f"has already trained on its output in {unet_dir}: keep --{phase}_steps {trained}, or start a new --output_dir.")
+    latest = common.find_checkpoint(output_dir / phase, "latest")  # step `trained`'s, or a newer one of the longer run
+    if latest is None or json.loads((latest / "meta.json").read_text())["step"] < trained:
+        raise SystemExit(f"--{phase}_steps {steps} would extend the finished {phase} phase ({trained} steps), but the checkpoint "
+                         f"of its last step is gone from {output_dir / phase}: keep --{phase}_steps {trained}, or start a new --output_dir.")
+    print(f"[{phase}] reopening the finished phase: {trained} -> {steps} steps.", file=sys.stderr)
+    return False
+
+
 def mark_done(final_dir: Path, info: dict) -> None:
     (final_dir / "done.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -319,9 +353,10 @@ class Phase:
         common.plot_loss_curve(self.dir / "log.csv", self.dir / "loss_curve.png")
 
 
-def adamw(model, lr):
+def adamw(model, lr: float, steps: int, decay_steps: int):
+    """AdamW and its schedule: 50 warm-up steps, constant, a linear decay over the last `decay_steps`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    return optimizer, common.warmup_then_constant(optimizer, 50)
+    return optimizer, common.warmup_stable_decay(optimizer, 50, steps, decay_steps)
 
 
 def clip_grad_and_step(phase: Phase, step: int, model, optimizer, schedule, loss, losses: dict) -> bool:
@@ -364,7 +399,7 @@ def train_vae(args, data) -> tuple[object, dict]:
 
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**vae_config(args.vae_channels, args.resolution)).train()  # channels_last: measured no faster here
-    optimizer, schedule = adamw(vae, args.vae_lr)
+    optimizer, schedule = adamw(vae, args.vae_lr, args.vae_steps, args.vae_decay_steps)
     phase = Phase(args, "vae", args.vae_steps, ["loss", "loss_l1", "loss_kl"], [vae, optimizer], [schedule])
     vae, optimizer = phase.prepared
     f = 2 ** (len(args.vae_channels) - 1)
@@ -398,7 +433,7 @@ def train_vae(args, data) -> tuple[object, dict]:
         val_all = to_float(data["val_images"])
         recon = evaluate.reconstruct(vae, val_all)
     vae.register_to_config(scaling_factor=float(1 / z.std()))
-    quality = {"val_psnr_db": round(evaluate.psnr_db(recon, val_all), 2), "val_l1": round(F.l1_loss(recon.clamp(-1, 1), val_all).item(), 4),
+    quality = {"steps": args.vae_steps, "val_psnr_db": round(evaluate.psnr_db(recon, val_all), 2), "val_l1": round(F.l1_loss(recon.clamp(-1, 1), val_all).item(), 4),
                "scaling_factor": vae.config.scaling_factor, "downsampling_factor": f, "n_val": len(val_all)}
     print(f"[vae] validation reconstruction: {quality}", file=sys.stderr)
     with common.atomic_dir(phase.dir / "final") as tmp:
@@ -459,7 +494,7 @@ def train_clip(args, data, tokenizer):
 
     torch.manual_seed(args.seed)
     model = CLIPModel(clip_config(args, len(tokenizer))).train()
-    optimizer, schedule = adamw(model, args.clip_lr)
+    optimizer, schedule = adamw(model, args.clip_lr, args.clip_steps, args.clip_decay_steps)
     phase = Phase(args, "clip", args.clip_steps, ["loss", "acc", "val_top1"], [model, optimizer], [schedule])
     model, optimizer = phase.prepared
     print(f"[clip] text tower {sum(p.numel() for p in model.text_model.parameters()):,}, image tower "
@@ -485,7 +520,7 @@ def train_clip(args, data, tokenizer):
     phase.finish(sample_grid)
     model.eval()
     text_encoder = text_encoder_of(model)
-    info = {"val_top1": retrieval_accuracy(model, tokenizer, val_images, val_captions), "n_val": n_val}
+    info = {"steps": args.clip_steps, "val_top1": retrieval_accuracy(model, tokenizer, val_images, val_captions), "n_val": n_val}
     with common.atomic_dir(phase.dir / "final") as tmp:
         text_encoder.save_pretrained(tmp / "text_encoder")
         model.save_pretrained(tmp / "eval_tower")
@@ -565,7 +600,7 @@ def train_unet(args, data, vae, text_encoder, tokenizer):
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel(**unet_config(args, side)).train()  # channels_last: measured no faster here
     ema = common.make_ema(unet, args.ema_decay)
-    optimizer, schedule = adamw(unet, args.unet_lr)
+    optimizer, schedule = adamw(unet, args.unet_lr, args.unet_steps, args.unet_decay_steps)
     phase = Phase(args, "unet", args.unet_steps, ["loss"], [unet, optimizer], [schedule] + ([ema] if ema is not None else []))
     unet, optimizer = phase.prepared
     print(f"[unet] UNet2DConditionModel on {side}x{side}x4 latents: {sum(p.numel() for p in unet.parameters()):,} parameters", file=sys.stderr)
@@ -647,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and (output_dir / "config.json").is_file():  # covers finished phases too, which have no checkpoint left to compare
         common.check_resume_settings(json.loads((output_dir / "config.json").read_text()), config, f"the run {output_dir}",
                                      output_dir, may_change=MAY_CHANGE)
+    finished = {phase: phase_finished(output_dir, phase, getattr(args, f"{phase}_steps")) for phase in PHASES}  # refusals come first
     (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     data_dir = Path(args.data) if args.data else make_synthetic_data(output_dir / "synthetic-data", args.resolution, seed=args.seed)
@@ -662,20 +698,20 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = cached_clip_tokenizer_dir()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
 
-    if phase_done(output_dir, "vae"):
+    if finished["vae"]:
         vae = AutoencoderKL.from_pretrained(output_dir / "vae" / "final")
     else:
         vae, _ = train_vae(args, data)
         if vae is None:
             return 0
     vae.eval().requires_grad_(False)
-    if phase_done(output_dir, "clip"):
+    if finished["clip"]:
         text_encoder = CLIPTextModel.from_pretrained(output_dir / "clip" / "final" / "text_encoder").eval()
     else:
         text_encoder = train_clip(args, data, tokenizer)
         if text_encoder is None:
             return 0
-    if phase_done(output_dir, "unet"):
+    if finished["unet"]:
         unet = UNet2DConditionModel.from_pretrained(output_dir / "unet" / "final")
     else:
         unet = train_unet(args, data, vae, text_encoder, tokenizer)
