@@ -265,12 +265,28 @@ def test_image_folder_skips_counts_and_names_each_kind_of_bad_record(tmp_path, c
     assert f"data: skipped 8 of 25 records in {folder} (4 undecodable images: 003.png, notes.png, missing.png, ...; " \
            "4 without a caption: line 6 (005.png), line 8 (007.png), line 24, ...)" in err
 
-    # --num_samples takes the first N usable records; fixing a bad image changes what is kept, and the cache key
-    assert common.read_sources(None, str(folder), "text", None, 4, max_bad_fraction=0.5).prompts == \
-        ["caption 0", "caption 1", "caption 2", "caption 4"]
+    # --num_samples N: N usable records, the same each time, in metadata order, spread over the folder
+    subset = common.read_sources(None, str(folder), "text", None, 4, max_bad_fraction=0.5)
+    assert len(subset.prompts) == 4 and set(subset.prompts) <= set(source.prompts)
+    assert [p.name for p in subset.images] == [r["file_name"] for r in subset.records]  # each image with its own caption
+    assert subset.prompts == [r["text"] for r in subset.records]
+    numbers = [int(p.split()[1]) for p in subset.prompts]
+    assert numbers == sorted(numbers) and numbers != [0, 1, 2, 4]
+    assert common.read_sources(None, str(folder), "text", None, 4, max_bad_fraction=0.5).prompts == subset.prompts
+    # fixing a bad image changes what is kept, and the cache key
     (folder / "003.png").write_bytes((folder / "000.png").read_bytes())
     fixed = common.read_sources(None, str(folder), "text", None, 0, max_bad_fraction=0.5)
     assert "caption 3" in fixed.prompts and fixed.fingerprint != source.fingerprint
+
+
+def test_num_samples_spreads_over_a_folder_sorted_by_kind(tmp_path):
+    """Emoji data is sorted by style and category: the first N records would be one style of one category."""
+    folder = tmp_path / "images"
+    write_metadata(folder, write_image_folder(folder, 40))
+    subset = common.read_sources(None, str(folder), "text", None, 8)
+    numbers = [int(p.split()[1]) for p in subset.prompts]
+    assert len(numbers) == 8 and {n // 10 for n in numbers} == {0, 1, 2, 3}  # every quarter of the folder
+    assert [int(p.name[:3]) for p in subset.images] == numbers
 
 
 def test_image_folder_refuses_above_max_bad_fraction(tmp_path):

@@ -47,6 +47,16 @@ TEACHER = ("tests/test_train_teacher.py",)
 
 MUTATIONS: list[Mutation] = [
     # --- shared base (train/common.py) ---------------------------------------------------------------
+    Mutation("num_samples_takes_the_first_records", "train/common.py",
+             'candidates = random.Random(0).sample(parsed, len(parsed))',
+             'candidates = parsed',
+             ("tests/test_train_common.py::test_num_samples_spreads_over_a_folder_sorted_by_kind",),
+             "--num_samples keeps the first N records: one style of one category of the emoji data"),
+    Mutation("num_samples_images_not_reordered", "train/common.py",
+             '    images = [folder / record["file_name"] for record in kept]\n',
+             '    images = [folder / record["file_name"] for _, record, _ in candidates[: len(kept)]]\n',
+             ("tests/test_train_common.py::test_num_samples_spreads_over_a_folder_sorted_by_kind",),
+             "the images of a --num_samples subset are not those of its captions"),
     Mutation("guarded_update_without_guard", "train/common.py",
              "take = guard.check(step, terms, grad_norm if scaler is None else None, model=model, accelerator=accelerator)",
              "take = True",

@@ -30,6 +30,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -119,7 +120,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                       help="where latents come from: 'sample' runs the teacher's sampler on the prompts (or the folder's captions), "
                            "'encode' encodes the folder's images with the teacher VAE (faster). Default: sample for --prompts, "
                            "encode for --image_folder")
-    data.add_argument("--num_samples", type=int, help="use only the first N prompts/images, 0 = all (preset)")
+    data.add_argument("--num_samples", type=int, help="use only N prompts/images: the first N of --prompts, or a fixed pseudo-random N of "
+                      "--image_folder's records spread over the folder; 0 = all (preset)")
     data.add_argument("--resolution", type=int, help="image side in pixels; latents are resolution/8 (preset)")
     data.add_argument("--sampler_steps", type=int, help="teacher sampler steps (DPM-Solver++) when generating latents (preset)")
     data.add_argument("--guidance_scale", type=float, help="teacher classifier-free guidance when generating latents (preset)")
@@ -621,8 +623,9 @@ def _parse_metadata(meta: Path) -> list[tuple[int, dict | None, str]]:
 
 def read_image_folder(folder: Path, caption_column: str, num_samples: int, max_bad_fraction: float
                       ) -> tuple[list[dict], list[Path], DataReport, str]:
-    """The usable records of an imagefolder in metadata order (the first `num_samples` of them, 0 = all),
-    their image paths, what was skipped, and a fingerprint of what was kept. Every image is decoded once
+    """The usable records of an imagefolder in metadata order (0 = all of them; `num_samples` > 0: that many,
+    a fixed pseudo-random choice spread over the folder, since data sets such as the emoji one are sorted by
+    style and category), their image paths, what was skipped, and a fingerprint of what was kept. Every image is decoded once
     here (check_image, on a few threads), so a bad file is found now rather than hours into a run.
     Images in the folder that no metadata line names count as records without a caption when the whole
     folder is read. Refuses (SystemExit) when more than `max_bad_fraction` of the records examined are bad."""
@@ -638,6 +641,9 @@ def read_image_folder(folder: Path, caption_column: str, num_samples: int, max_b
         raise SystemExit(f"{meta}: no line has the caption key '{caption_column}' (see --caption_column); the keys found are "
                          f"{', '.join(keys) or 'none'}.")
     report, kept, images, seen = DataReport(str(folder)), [], [], set()
+    candidates = parsed
+    if num_samples and num_samples < len(parsed):  # examined in a seeded order, so a bad record gives way to another
+        candidates = random.Random(0).sample(parsed, len(parsed))
 
     def problem(entry) -> tuple[str, str, str] | None:
         """(kind, label, reason) of a bad record, None for a usable one; decodes the image."""
@@ -656,8 +662,8 @@ def read_image_folder(folder: Path, caption_column: str, num_samples: int, max_b
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         chunk = 64
-        for start in range(0, len(parsed), chunk):
-            part = parsed[start : start + chunk]
+        for start in range(0, len(candidates), chunk):
+            part = candidates[start : start + chunk]
             for entry, bad in zip(part, pool.map(problem, part)):
                 if num_samples and report.kept == num_samples:
                     break
@@ -665,13 +671,14 @@ def read_image_folder(folder: Path, caption_column: str, num_samples: int, max_b
                 if entry[1] is not None and isinstance(entry[1].get("file_name"), str):
                     seen.add(os.path.normpath(folder / entry[1]["file_name"]))
                 if bad is None:
-                    kept.append(entry[1])
-                    images.append(folder / entry[1]["file_name"])
+                    kept.append(entry)
                     report.kept += 1
                 else:
                     getattr(report, bad[0]).append(bad[1:])
             if num_samples and report.kept == num_samples:
                 break
+    kept = [record for _, record, _ in sorted(kept, key=lambda entry: entry[0])]  # back in metadata order
+    images = [folder / record["file_name"] for record in kept]
     if not num_samples or report.kept < num_samples:  # the whole folder was read: images no line names
         for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
             if os.path.normpath(path) not in seen:
