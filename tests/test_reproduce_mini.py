@@ -203,7 +203,11 @@ def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_ru
     start, end = reproduce_mini.TABLE_START, reproduce_mini.TABLE_END
     sketch_start, sketch_end = reproduce_mini.CONTROLNET_TABLE_START, reproduce_mini.CONTROLNET_TABLE_END
     (dest / "README.md").write_text(f"the card\n{start}\nold table\n{end}\nmore text\n{sketch_start}\nold\n{sketch_end}\n")
+    for stale in ("unet/diffusion_pytorch_model.bin", "vae_old/config.json"):  # a former model's files
+        (dest / stale).parent.mkdir(parents=True, exist_ok=True)
+        (dest / stale).write_text("old")
     reproduce_mini.export(out, dest, figures, data)
+    assert not (dest / "unet" / "diffusion_pytorch_model.bin").exists() and not (dest / "vae_old").exists()
     table = (out / "eval" / "stages.md").read_text().strip()
     sketch_table = (out / "eval-controlnet" / "controlnet.md").read_text().strip()
     assert json.loads((dest / "captions.json").read_text()) == reproduce_mini.caption_table(data)

@@ -7,7 +7,7 @@
 
 Each stage is the same script a researcher runs at paper scale, with `--preset mini`:
 
-1. stage A, `train/distill_decoder.py`: a tiny decoder for the teacher's f=4 VAE (Eq. 5);
+1. stage A, `train/distill_decoder.py`: a tiny decoder for the teacher's VAE (f=4 for v1, 8 for v2; Eq. 5);
 2. stage B, `train/distill_unet.py`: the block-removed student U-Net (no mid block, no last stage),
    output + feature KD from the teacher (Eqs. 6-8), with stage A's decoder as its vae/;
 3. stage C, `train/distill_one_step.py`: the one-step generator from stage B's student, feature-matching
@@ -219,13 +219,17 @@ def caption_table(data: Path, style: str | None = None) -> dict[str, str]:
 
 
 def export(out: Path, dest: Path, figures: Path, data: Path | None = None) -> None:
-    """The final folder's model files to DEST (an existing README.md card stays), the stage table to
+    """The final folder's model files to DEST, in place of the model folders there (an existing README.md
+    card stays), the stage table to
     DEST/training/, and the sample grid, quality/latency plot and each stage's loss curve to FIGURES."""
     import shutil
 
     final = out / "one-step" / "final"
     if not (out / "eval" / "stages.json").is_file():
         raise SystemExit(f"--export needs the evaluation ({out / 'eval' / 'stages.json'}): run without --no_eval first.")
+    for old in sorted(dest.iterdir()) if dest.is_dir() else []:
+        if old.is_dir() and old.name != "training":  # a former model's parts go whole: none of its files may outlive it
+            shutil.rmtree(old)
     copy_model_files(final, dest)
     sketch_final = out / "controlnet-one-step" / "final"
     if (sketch_final / "controlnet").is_dir():  # stage D: the sketch ControlNet of the same one-step U-Net
