@@ -593,6 +593,11 @@ MUTATIONS: list[Mutation] = [
              (f"{STAGE_C[0]}::test_online_pairs_lcm_psi_accumulation_and_fm_falls_on_a_fixed_batch",),
              "no warning when psi runs LCM steps on a plain teacher"),
     # --- stage D (train/distill_controlnet.py), issue 15 ------------------------------------------------
+    Mutation("controlnet_embedding_wider_than_unet", "train/distill_controlnet.py",
+             'vae_factor, unet.config.block_out_channels[0]))',
+             'vae_factor))',
+             ("tests/test_distill_controlnet.py::test_a_controlnet_for_another_unet_or_scale_is_refused",),
+             "the teacher ControlNet's conditioning embedding keeps SD's widths for a narrow U-Net"),
     Mutation("controlnet_feature_kd_on_encoder_blocks", "train/distill_controlnet.py",
              'if pair[0].startswith("up_blocks.")]',
              'if pair[0].startswith("down_blocks.")]',

@@ -140,13 +140,15 @@ class WithControl:
         return self.controlled(sample, timestep, encoder_hidden_states, self.control)
 
 
-def conditioning_channels(vae_factor: int) -> tuple[int, ...]:
+def conditioning_channels(vae_factor: int, unet_width: int = 320) -> tuple[int, ...]:
     """The ControlNet conditioning embedding's channels for controls `vae_factor` times the latent side:
-    diffusers' default (16, 32, 96, 256) halves three times (SD, f=8); one stage fewer per halving fewer."""
+    diffusers' default (16, 32, 96, 256) halves three times (SD, f=8); one stage fewer per halving fewer.
+    No stage is wider than the U-Net's first block (`unet_width`, SD's 320), which its output feeds: for
+    the emoji U-Net (64) at 128 px, (16, 32, 64, 64) costs 0.34 GFLOP where the default costs 0.62."""
     stages = vae_factor.bit_length()  # 8 -> 4 stages, 4 -> 3
     if 2 ** (stages - 1) != vae_factor or stages > 4:
         raise ValueError(f"A VAE factor of {vae_factor} is not supported (1, 2, 4 or 8 pixels per latent).")
-    return (16, 32, 96, 256)[:stages]
+    return tuple(min(width, unet_width) for width in (16, 32, 96, 256)[:stages])
 
 
 def teacher_controlnet_from_unet(unet, vae_factor: int):
@@ -154,7 +156,8 @@ def teacher_controlnet_from_unet(unet, vae_factor: int):
     embedding, down blocks and mid block copied), zero-initialised output convolutions [ControlNet]."""
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(vae_factor))
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(
+        vae_factor, unet.config.block_out_channels[0]))
 
 
 def load_controlnet(model: str, flag: str):
