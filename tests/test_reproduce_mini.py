@@ -291,3 +291,7 @@ def test_a_128_px_f8_teacher_runs_through_every_stage_and_the_tables(smoke_run_1
     stages = json.loads((out / "eval" / "stages.json").read_text())
     assert {row["key"] for row in stages["rows"]} >= {"teacher", "mini_sdxs"} and stages["settings"]["n_val"] == 8
     assert (out / "eval-controlnet" / "controlnet.json").is_file()
+    from PIL import Image
+
+    with Image.open(out / "eval" / "grid.png") as grid:  # 128 px tiles as they are (64 px ones are enlarged 2x)
+        assert grid.height % (128 + 2) == 0 and grid.height // (128 + 2) >= 3  # real images + at least two models

@@ -224,14 +224,16 @@ def plot(report: dict, path: Path) -> Path | None:
     return path
 
 
-def save_grid(real: torch.Tensor, samples: dict[str, torch.Tensor], labels: dict[str, str], path: Path, *, scale: int = 2) -> Path:
-    """Rows: the real val images, then each row's samples (same captions, same seeds), labelled on the left."""
+def save_grid(real: torch.Tensor, samples: dict[str, torch.Tensor], labels: dict[str, str], path: Path, *, scale: int | None = None) -> Path:
+    """Rows: the real val images, then each row's samples (same captions, same seeds), labelled on the left;
+    tiles enlarged `scale` times (default: to at least 128 px, 2x for 64 px emoji)."""
     from PIL import Image, ImageDraw, ImageFont
 
     from train import common
 
     import textwrap
 
+    scale = max(1, 128 // real.shape[-1]) if scale is None else scale
     side, margin = real.shape[-1] * scale, 240
     names = ["real val images", *[labels[k] for k in samples]]
     canvas = Image.new("RGB", (margin + real.shape[0] * (side + 2), len(names) * (side + 2)), "white")
