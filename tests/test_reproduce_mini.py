@@ -231,6 +231,27 @@ def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_ru
     assert engine.native_size == 64 and engine.components.controlnet is not None
 
 
+def test_a_failed_export_leaves_the_former_model_as_it_was(smoke_run, tmp_path, monkeypatch):
+    out, data, _ = smoke_run
+    dest = tmp_path / "mini-sdxs"
+    for part in ("README.md", "unet/diffusion_pytorch_model.bin", "training/stages.md", "captions.json"):  # the former model
+        (dest / part).parent.mkdir(parents=True, exist_ok=True)
+        (dest / part).write_text(f"old {part}")
+    before = {p.relative_to(dest): p.read_text() for p in dest.rglob("*") if p.is_file()}
+    copy = reproduce_mini.copy_model_files
+
+    def copy_then_fail_on_the_controlnet(src, target):
+        if src.name == "controlnet":
+            raise OSError("disk full")
+        copy(src, target)
+
+    monkeypatch.setattr(reproduce_mini, "copy_model_files", copy_then_fail_on_the_controlnet)
+    with pytest.raises(OSError, match="disk full"):
+        reproduce_mini.export(out, dest, tmp_path / "figures", data)
+    assert {p.relative_to(dest): p.read_text() for p in dest.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mini-sdxs"]  # no staging folder left behind
+
+
 def test_the_caption_table_maps_names_and_short_names_of_one_style_to_training_captions(tmp_path):
     data = emoji_like_folder(tmp_path / "data")
     table = reproduce_mini.caption_table(data)

@@ -219,40 +219,45 @@ def caption_table(data: Path, style: str | None = None) -> dict[str, str]:
 
 
 def export(out: Path, dest: Path, figures: Path, data: Path | None = None) -> None:
-    """The final folder's model files to DEST, in place of the model folders there (an existing README.md
-    card stays), the stage table to
-    DEST/training/, and the sample grid, quality/latency plot and each stage's loss curve to FIGURES."""
+    """The final folder's model files to DEST, replacing the model there whole (its README.md card and
+    training/ stay), the stage table to DEST/training/, and the sample grid, quality/latency plot and each
+    stage's loss curve to FIGURES. DEST is built beside itself and swapped in at the end: a failed export
+    leaves the former model as it was."""
     import shutil
 
-    final = out / "one-step" / "final"
-    if not (out / "eval" / "stages.json").is_file():
-        raise SystemExit(f"--export needs the evaluation ({out / 'eval' / 'stages.json'}): run without --no_eval first.")
-    for old in sorted(dest.iterdir()) if dest.is_dir() else []:
-        if old.is_dir() and old.name != "training":  # a former model's parts go whole: none of its files may outlive it
-            shutil.rmtree(old)
-    copy_model_files(final, dest)
-    sketch_final = out / "controlnet-one-step" / "final"
+    from train.common import atomic_dir
+
+    final, sketch_final = out / "one-step" / "final", out / "controlnet-one-step" / "final"
+    needed = [out / "eval" / "stages.json"]
     if (sketch_final / "controlnet").is_dir():  # stage D: the sketch ControlNet of the same one-step U-Net
-        if not (out / "eval-controlnet" / "controlnet.json").is_file():
-            raise SystemExit(f"--export needs the ControlNet evaluation ({out / 'eval-controlnet' / 'controlnet.json'}): run "
-                             "without --no_eval first.")
-        copy_model_files(sketch_final / "controlnet", dest / "controlnet")
-    if data is not None:
-        table = caption_table(data)
-        (dest / "captions.json").write_text(json.dumps(dict(sorted(table.items())), indent=0, ensure_ascii=False) + "\n",
-                                            encoding="utf-8")
-    (dest / "training").mkdir(parents=True, exist_ok=True)
-    for name in ("stages.md", "stages.json"):
-        shutil.copy2(out / "eval" / name, dest / "training" / name)
-    card = dest / "README.md"
-    if card.is_file():  # the card's table between the markers becomes this run's
-        card.write_text(with_stage_table(card.read_text(), (out / "eval" / "stages.md").read_text()))
-    if (dest / "controlnet").is_dir():
-        for name in ("controlnet.md", "controlnet.json"):
-            shutil.copy2(out / "eval-controlnet" / name, dest / "training" / name)
-        if card.is_file():
-            card.write_text(with_stage_table(card.read_text(), (out / "eval-controlnet" / "controlnet.md").read_text(),
-                                             markers=(CONTROLNET_TABLE_START, CONTROLNET_TABLE_END)))
+        needed.append(out / "eval-controlnet" / "controlnet.json")
+    for path in needed:
+        if not path.is_file():
+            raise SystemExit(f"--export needs the evaluation ({path}): run without --no_eval first.")
+    with atomic_dir(dest) as tmp:
+        if (dest / "README.md").is_file():
+            shutil.copy2(dest / "README.md", tmp / "README.md")
+        if (dest / "training").is_dir():
+            shutil.copytree(dest / "training", tmp / "training")
+        copy_model_files(final, tmp)  # a former model's parts are not carried over: none of its files may outlive it
+        if (sketch_final / "controlnet").is_dir():
+            copy_model_files(sketch_final / "controlnet", tmp / "controlnet")
+        if data is not None:
+            table = caption_table(data)
+            (tmp / "captions.json").write_text(json.dumps(dict(sorted(table.items())), indent=0, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+        (tmp / "training").mkdir(exist_ok=True)
+        for name in ("stages.md", "stages.json"):
+            shutil.copy2(out / "eval" / name, tmp / "training" / name)
+        card = tmp / "README.md"
+        if card.is_file():  # the card's table between the markers becomes this run's
+            card.write_text(with_stage_table(card.read_text(), (out / "eval" / "stages.md").read_text()))
+        if (tmp / "controlnet").is_dir():
+            for name in ("controlnet.md", "controlnet.json"):
+                shutil.copy2(out / "eval-controlnet" / name, tmp / "training" / name)
+            if card.is_file():
+                card.write_text(with_stage_table(card.read_text(), (out / "eval-controlnet" / "controlnet.md").read_text(),
+                                                 markers=(CONTROLNET_TABLE_START, CONTROLNET_TABLE_END)))
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy2(out / "eval" / "grid.png", figures / "stages-grid.png")
     shutil.copy2(out / "eval" / "stages.png", figures / "stages-quality-latency.png")
