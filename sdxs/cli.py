@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdxs.build import FAMILIES
 from sdxs.engine import BACKENDS
-from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, REFERENCE_MODELS, SKETCH_MODEL, get_spec
+from sdxs.registry import BUILTIN_MODEL, DEFAULT_MODEL, MODELS, REFERENCE_MODELS, SKETCH_MODEL, builtin_model, get_spec
 from sdxs.validation import MAX_SEED, clean_prompt, open_image, parse_count, parse_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     known = ", ".join(MODELS)
 
     gen = sub.add_parser("generate", help="generate images in one step", description="Generate images in one step.")
-    gen.add_argument("--model", default=None, help=f"hub id, local diffusers folder, or '{BUILTIN_MODEL}' for the built-in 64 px emoji model "
+    gen.add_argument("--model", default=None, help=f"hub id, local diffusers folder, or '{BUILTIN_MODEL}' for the built-in "
+                     f"{builtin_model(BUILTIN_MODEL).native_size} px emoji model "
                      f"(default {DEFAULT_MODEL}, or the built-in model when that is neither cached nor downloadable; {SKETCH_MODEL} "
                      f"with --sketch; known: {known})")
     gen.add_argument("--base", default=None, help="base pipeline for a LoRA or bare ControlNet folder (default: the registry's or the adapter's own)")

@@ -76,8 +76,9 @@ def add_common_flags(parser: argparse.ArgumentParser, default_model: str, *, bui
     """The flags both apps share. `builtin_fallback`: --model defaults to None, which loads
     `default_model` or, when that cannot be found, the built-in model (load_default_or_builtin)."""
     if builtin_fallback:
-        parser.add_argument("--model", default=None, help=f"hub id, local diffusers folder, or '{BUILTIN_MODEL}' for the built-in 64 px "
-                            f"emoji model (default {default_model}; the built-in model when that is neither cached nor downloadable)")
+        parser.add_argument("--model", default=None, help=f"hub id, local diffusers folder, or '{BUILTIN_MODEL}' for the built-in "
+                            f"{builtin_model(BUILTIN_MODEL).native_size} px emoji model (default {default_model}; the built-in "
+                            "model when that is neither cached nor downloadable)")
     else:
         parser.add_argument("--model", default=default_model, help=f"hub id or local diffusers folder (default {default_model})")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps... (default: cuda if available, else cpu)")
