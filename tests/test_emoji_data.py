@@ -475,6 +475,14 @@ def test_128px_build_captions_pixels_and_skipped_counts(svg_packages, tmp_path, 
     assert by_file["fluent-high-contrast_1f600.png"]["text"].endswith("subcategory face-smiling, fluent high contrast style")
     assert by_file["fluent-color_1f385-1f3ff.png"]["text"].endswith("fluent color style, dark skin tone")
     assert by_file["noto_1f9b0.png"]["text"] == "an emoji of red hair, noto style"
+    # the CLDR names that differ from emoji.json's, for the apps' prompt lookup ("red heart" finds the heart)
+    assert json.loads((out / emoji_data.CLDR_NAMES).read_text()) == {"1F385": "Santa Claus", "1F1EA-1F1F8": "flag: Spain",
+                                                                     "2764-FE0F": "red heart"}
+    from train.reproduce_mini import caption_table
+
+    table = caption_table(out, "twemoji")
+    assert table["red heart"] == table["heavy black heart"] == by_file["twemoji_2764-fe0f.png"]["text"]
+    assert table["santa claus"] == table["father christmas"] and "grinning face" in table
     # every style, drawn from its own package: the right drawing under each file name, on white
     pixel = lambda name, xy=(64, 64): Image.open(out / "train" / name).getpixel(xy)
     assert pixel("noto_1f600.png") == YELLOW and pixel("noto_1f600.png", (0, 0)) == (255, 255, 255)

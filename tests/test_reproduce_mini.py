@@ -231,6 +231,21 @@ def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_ru
     assert engine.native_size == 64 and engine.components.controlnet is not None
 
 
+def test_the_caption_table_takes_cldr_names_below_names_and_short_names(tmp_path):
+    rows = [{"name": "HEAVY BLACK HEART", "unified": "2764-FE0F", "text": "an emoji of heavy black heart, heart, category c, noto style"},
+            {"name": "BLACK SUN WITH RAYS", "unified": "2600-FE0F", "text": "an emoji of black sun with rays, sunny, category c, noto style"},
+            {"name": "SUN", "unified": "1F31E", "text": "an emoji of sun, category c, noto style"}]
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "metadata.jsonl").write_text("".join(json.dumps({**r, "style": "noto", "skin_tone": None}) + "\n"
+                                                                 for r in rows))
+    (tmp_path / "cldr_names.json").write_text(json.dumps({"2764-FE0F": "Red  Heart", "2600-FE0F": "sun", "1F31E": "heart"}))
+    table = reproduce_mini.caption_table(tmp_path)
+    assert table["red heart"] == rows[0]["text"]  # a CLDR name alone finds its emoji
+    assert table["sun"] == rows[2]["text"]  # an emoji's name beats another's CLDR name
+    assert table["heart"] == rows[0]["text"]  # a short name too
+
+
 def test_a_failed_export_leaves_the_former_model_as_it_was(smoke_run, tmp_path, monkeypatch):
     out, data, _ = smoke_run
     dest = tmp_path / "mini-sdxs"

@@ -44,7 +44,9 @@ source's drawing of the emoji and is named in every caption:
   skin variation, not the file name), so an emoji, all its skin tones and all styles land in the same
   split, the same on every run and machine.
 - output: OUT/train/*.png + OUT/train/metadata.jsonl ({"file_name", "text", "style", "unified",
-  "category", "subcategory", "name", "skin_tone"}), the same for OUT/val, plus OUT/NOTICE.md. This
+  "category", "subcategory", "name", "skin_tone"}), the same for OUT/val, plus OUT/NOTICE.md and, for
+  the SVG styles, OUT/cldr_names.json (`write_cldr_names`: the CLDR names of emoji whose emoji.json name
+  differs, e.g. "red heart", for the apps' prompt lookup; not read by training). This
   is what `train/common.py:read_sources(image_folder=OUT/train, caption_column="text")` reads. The
   command prints the images per style and split and the skipped counts.
 
@@ -136,6 +138,7 @@ SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3
 # "person-elf" is CLDR's "elf", "man-blonde-hair" its "man: blond hair"
 FLUENT_RENAMES = ((r"^person-", ""), (r"blonde", "blond"))
 NOTICE = Path(__file__).with_name("EMOJI_NOTICE.md")
+CLDR_NAMES = "cldr_names.json"  # OUT/cldr_names.json (the SVG sets): the names phones show, for the apps' prompt lookup
 SVG_NS = "http://www.w3.org/2000/svg"
 
 
@@ -706,8 +709,28 @@ def build_dataset(out: Path, styles=None, *, val_fraction: float = 0.05, limit: 
     dirs = {s: ensure_package(STYLE_SOURCES[s].package, cache_root, quiet=not progress) for s in styles}
     needs_index = any(STYLE_SOURCES[s].kind != "png" for s in styles)
     index = load_index(cache_root, quiet=not progress) if needs_index else None
-    return write_imagefolder(out, dirs, val_fraction=val_fraction, limit=limit, progress=progress,
-                             image_size=image_size, index=index)
+    counts = write_imagefolder(out, dirs, val_fraction=val_fraction, limit=limit, progress=progress,
+                               image_size=image_size, index=index)
+    if index is not None:
+        write_cldr_names(out, index)
+    return counts
+
+
+def write_cldr_names(out: Path, index: EmojiIndex) -> Path:
+    """OUT/cldr_names.json: {unified code points, as in the metadata: CLDR name} for OUT's emoji whose CLDR
+    name is not already their name ("red heart" for HEAVY BLACK HEART, "thumbs up" for THUMBS UP SIGN). The
+    captions are emoji.json's names; people type the names their phones show, and the built-in model's
+    prompt lookup (reproduce_mini.caption_table -> captions.json) takes these as further short names."""
+    names = {}
+    for split in ("train", "val"):
+        for line in (Path(out) / split / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            label = index.labels.get(code_key(row["unified"]))
+            if label and label.lower() != str(row.get("name", "")).lower():
+                names[row["unified"]] = label
+    path = Path(out) / CLDR_NAMES
+    path.write_text(json.dumps(dict(sorted(names.items())), indent=0, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 def summary(counts: dict) -> str:

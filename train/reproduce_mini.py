@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from train.distill_one_step import PRESETS as PRESETS_ONE_STEP  # noqa: E402
+from train.emoji_data import CLDR_NAMES  # noqa: E402
 TEACHER = ROOT / "models" / "emoji-teacher"
 
 # What --smoke changes in each stage's --preset mini: tiny data and steps, same code path.
@@ -193,9 +194,11 @@ CAPTION_STYLES = ("google", "noto")  # the style captions.json is written in: th
 
 def caption_table(data: Path, style: str | None = None) -> dict[str, str]:
     """{emoji name or short name (lower case): its training caption} over the data's train and val
-    metadata, one style (default: the first of CAPTION_STYLES the data has), skin-tone variants left out;
-    a name wins over another emoji's short name. The built-in model's apps read it (sdxs.registry,
-    captions.json) to turn "red apple" into the caption the model was trained on."""
+    metadata, one style (default: the first of CAPTION_STYLES the data has), skin-tone variants left out,
+    plus the CLDR names of DATA/cldr_names.json where the data has one ("red heart"; emoji_data.write_cldr_names);
+    a name wins over another emoji's short name, a short name over another emoji's CLDR name. The built-in
+    model's apps read it (sdxs.registry, captions.json) to turn "red apple" into the caption the model was
+    trained on."""
     rows = [json.loads(line) for split in ("train", "val")
             for line in (data / split / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     if style is None:
@@ -204,18 +207,22 @@ def caption_table(data: Path, style: str | None = None) -> dict[str, str]:
         if style is None:
             raise SystemExit(f"{data}: none of the caption styles {', '.join(CAPTION_STYLES)} in its metadata; styles there: "
                              f"{', '.join(sorted(str(s) for s in present))}.")
-    names, short = {}, {}
+    cldr_path = data / CLDR_NAMES
+    cldr_names = json.loads(cldr_path.read_text(encoding="utf-8")) if cldr_path.is_file() else {}
+    names, short, cldr = {}, {}, {}
     for row in rows:
         if row.get("style") != style or row.get("skin_tone") or not row.get("name"):
             continue
         text, name = row["text"], row["name"].lower()
         names.setdefault(name, text)
+        if row.get("unified") in cldr_names:
+            cldr.setdefault(" ".join(str(cldr_names[row["unified"]]).lower().split()), text)
         head = f"an emoji of {name}"
         if text.startswith(head) and ", category " in text:  # "..., SHORT NAMES, category ..."
             for alias in text[len(head):text.index(", category ")].split(", "):
                 if alias.strip():
                     short.setdefault(alias.strip(), text)
-    return {**short, **names}
+    return {**cldr, **short, **names}
 
 
 def export(out: Path, dest: Path, figures: Path, data: Path | None = None) -> None:
