@@ -32,8 +32,8 @@ from train.emoji_data import build_caption  # noqa: E402
 from train.evaluate import sample  # noqa: E402
 from train.reproduce_mini import CAPTION_STYLES, caption_table  # noqa: E402
 
-# Common emoji, each an emoji name or short name in both emoji sets (their names are emoji-data's: "heart"
-# and "thumbs up sign", not CLDR's "red heart" and "thumbs up").
+# Common emoji, each an emoji name or short name in both emoji sets: emoji.json's "heart" and "thumbs up
+# sign", since the 64 px set has no cldr_names.json ("red heart", "thumbs up" find them in the 128 px set only).
 DEFAULT_PROMPTS = (
     "grinning face", "red apple", "rocket", "smiling face with sunglasses", "pizza", "ghost", "heart", "thumbs up sign",
     "cat face", "dog face", "sun with face", "snowman", "birthday cake", "banana", "automobile", "house", "star", "fire",
