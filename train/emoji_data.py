@@ -713,6 +713,8 @@ def build_dataset(out: Path, styles=None, *, val_fraction: float = 0.05, limit: 
                                image_size=image_size, index=index)
     if index is not None:
         write_cldr_names(out, index)
+    else:  # a PNG-only build over an earlier SVG one: no names of another build
+        (Path(out) / CLDR_NAMES).unlink(missing_ok=True)
     return counts
 
 
