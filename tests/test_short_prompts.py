@@ -39,7 +39,7 @@ def test_each_row_is_its_model_drawing_the_captions_of_its_own_data(tmp_path):
     out = tmp_path / "grid.png"
     short_prompts.main(["--model", str(TEACHER), "--data", str(google), "--model", str(TEACHER), "--data", str(noto),
                         "--label", "v1", "--label", "v2", "--prompts", "rocket ship, purple dinosaur", "--steps", "2",
-                        "--seed", "5", "--tile", "64", "--out", str(out)])
+                        "--seed", "5", "--tile", "128", "--out", str(out)])
     written = json.loads(out.with_suffix(".json").read_text())
     assert [row["captions"] for row in written["rows"]] == [
         {"rocket ship": "an emoji of rocket, rocket ship, category food & drink, google style",
@@ -56,8 +56,8 @@ def test_each_row_is_its_model_drawing_the_captions_of_its_own_data(tmp_path):
         for c, caption in enumerate(row["captions"].values()):  # column c: seed + c, whatever the row
             expected = sample(pipe, [caption], steps=2, guidance=4.0, seed=5 + c, batch_size=1)[0]
             expected = ((expected.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
-            x, y = 90 + c * (64 + 4), 32 + r * (64 + 4)
-            assert np.abs(grid[y : y + 64, x : x + 64] - expected).max() <= 2, (r, c)
+            x, y = 90 + c * (128 + 4), 32 + r * (128 + 4)  # the teacher's 128 px at --tile 128: no resizing
+            assert np.abs(grid[y : y + 128, x : x + 128] - expected).max() <= 2, (r, c)
 
 
 @pytest.mark.parametrize("argv, message", [
