@@ -697,3 +697,17 @@ def test_ssim_distance_is_computed_in_fp32_under_mixed_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = stage.ssim_distance(x, y, 7)
     assert mixed.dtype == torch.float32 and torch.allclose(mixed, exact, atol=1e-5)
+
+
+def test_psi_pairs_live_in_an_f4_teachers_latent_space(tmp_path):
+    """Stage C's (noise, psi) pairs take the teacher's VAE factor: 64 px on an f=4 teacher (emoji teacher
+    v1's geometry) is 16x16x4 latents, not SD's 8x8x4; the U-Net trains and the run finishes on them."""
+    from train.tiny_teacher import make_tiny_teacher
+
+    teacher = make_tiny_teacher(tmp_path / "f4-teacher", vae_factor=4)
+    assert common.teacher_vae_factor(teacher) == 4 and common.teacher_native_size(teacher) == 64
+    assert run_stage(stage, tmp_path / "out", "--max_steps", "2", "--fm_warmup_steps", "1", "--sample_every", "0",
+                     teacher=teacher, cache_dir=tmp_path / "cache") == 0
+    pairs = sorted((tmp_path / "cache").glob("pairs-*/*.pt"))
+    assert pairs and all(torch.load(f)["noise"].shape == torch.load(f)["latents"].shape == (4, 16, 16) for f in pairs)
+    assert (tmp_path / "out" / "final" / "model_index.json").is_file()

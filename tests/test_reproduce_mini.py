@@ -79,7 +79,7 @@ def test_smoke_run_trains_every_stage_through_the_mini_preset_and_writes_the_tab
     for name in ("stages.md", "stages.png", "grid.png"):
         assert (out / "eval" / name).stat().st_size > 0
     assert "| + score distillation: mini SDXS (stage C) | 1 |" in (out / "eval" / "stages.md").read_text()
-    # stage C's (noise, psi) pairs live in the f=4 teacher's latent space: 64 px -> 16x16x4, not SD's 8x8
+    # stage C's (noise, psi) pairs live in the teacher's latent space: 128 px / f=8 -> 16x16x4 (SD at 64 px: 8x8)
     pairs = sorted((out / "cache").glob("pairs-*/*.pt"))
     assert pairs and all(torch.load(f)["noise"].shape == torch.load(f)["latents"].shape == (4, 16, 16) for f in pairs[:4])
 
@@ -110,14 +110,14 @@ def test_stages_are_wired_to_each_other(smoke_run):
     assert all(c["preset"] == "mini" and c["control"] == "sketch" for c in cn.values())
 
 
-def test_the_final_folder_runs_in_the_sdxs_engine_at_its_native_64_px(smoke_run):
+def test_the_final_folder_runs_in_the_sdxs_engine_at_the_teachers_128_px(smoke_run):
     from sdxs import SDXSEngine
 
-    out, _, _ = smoke_run
+    out, _, _ = smoke_run  # the bundled teacher v2 (the data's 64 px images are resized to its side)
     engine = SDXSEngine.from_pretrained(str(out / "one-step" / "final"), device="cpu", backend="torch")
-    assert engine.native_size == 64
+    assert engine.native_size == 128
     result = engine.text_to_image("an emoji of red apple, google style", seed=0, num_images=1)
-    assert result.images[0].size == (64, 64)
+    assert result.images[0].size == (128, 128)
 
 
 def test_a_second_run_skips_finished_stages(smoke_run):
@@ -143,11 +143,12 @@ def test_a_failing_stage_stops_the_run_and_says_how_to_resume(tmp_path):
         reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--data", str(data), "--teacher", str(broken_teacher), "--smoke"])
 
 
-# --- an f=4 teacher: latents are resolution / 4 --------------------------------------------------
+# --- the VAE factor: latents are resolution / f ------------------------------------------------------
 
 
-def test_vae_factor_of_the_emoji_teacher_is_4_and_of_sd_8():
-    assert common.teacher_vae_factor(TEACHER) == 4
+def test_vae_factor_of_the_emoji_teacher_v2_is_8_as_sd_and_of_v1_4():
+    assert common.teacher_vae_factor(TEACHER) == 8  # v2: 128 px -> 16x16 latents
+    assert common.vae_factor({"block_out_channels": [32, 64, 64]}) == 4  # v1's VAE: 64 px -> 16x16
     assert common.vae_factor({"block_out_channels": [128, 256, 512, 512]}) == 8
 
 
@@ -157,7 +158,8 @@ def test_stage_c_latent_shape_follows_the_vae_factor():
     config = json.loads((TEACHER / "scheduler" / "scheduler_config.json").read_text())
     s4 = distill_one_step.step_settings(args, config, uncond=torch.zeros(1), device=torch.device("cpu"), vae_factor=4)
     s8 = distill_one_step.step_settings(args, config, uncond=torch.zeros(1), device=torch.device("cpu"), vae_factor=8)
-    assert s4.latent_shape == (4, 16, 16) and s8.latent_shape == (4, 8, 8)
+    assert args.resolution == 128  # the mini preset: teacher v2's side
+    assert s8.latent_shape == (4, 16, 16) and s4.latent_shape == (4, 32, 32)
 
 
 def test_stage_a_l1_is_taken_at_the_latent_resolution_of_the_teacher_vae():
@@ -170,9 +172,9 @@ def test_stage_a_l1_is_taken_at_the_latent_resolution_of_the_teacher_vae():
 
 
 def test_stage_a_refuses_a_decoder_whose_upscaling_differs_from_the_teacher_vae(tmp_path):
-    with pytest.raises(SystemExit, match=r"works at 4x .* needs 3 decoder and encoder stages; got --decoder_blocks 3,3,3,1"):
-        distill_decoder.main(["--preset", "mini", "--output_dir", str(tmp_path / "out"), "--decoder_blocks", "3,3,3,1",
-                              "--encoder_blocks", "1,3,3,3", "--image_folder", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match=r"works at 8x .* needs 4 decoder and encoder stages; got --decoder_blocks 3,3,1"):
+        distill_decoder.main(["--preset", "mini", "--output_dir", str(tmp_path / "out"), "--decoder_blocks", "3,3,1",
+                              "--encoder_blocks", "1,3,3", "--image_folder", str(tmp_path / "none")])
 
 
 def test_mini_preset_defaults_to_the_bundled_teacher():
@@ -228,7 +230,7 @@ def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_ru
     from sdxs import SDXSEngine
 
     engine = SDXSEngine.from_pretrained(str(dest), device="cpu", backend="torch")
-    assert engine.native_size == 64 and engine.components.controlnet is not None
+    assert engine.native_size == 128 and engine.components.controlnet is not None
 
 
 def test_the_caption_table_takes_cldr_names_below_names_and_short_names(tmp_path):
@@ -282,16 +284,20 @@ def test_the_caption_table_maps_names_and_short_names_of_one_style_to_training_c
 def test_geometry_flags_follow_the_teachers_image_side_and_vae_factor(tmp_path):
     from train.tiny_teacher import make_tiny_teacher
 
-    assert reproduce_mini.geometry_flags(TEACHER) == ([], [])  # v1: what the mini presets were made for
-    f8_64 = make_tiny_teacher(tmp_path / "f8-64")  # f=8 at 64 px: stage A needs a four-stage decoder
-    taesd = ["--decoder_blocks", "3,3,3,1", "--encoder_blocks", "1,3,3,3"]
-    assert reproduce_mini.geometry_flags(f8_64) == ([], taesd)
+    assert reproduce_mini.geometry_flags(TEACHER) == ([], [])  # the bundled teacher v2: what the mini presets are made for
     f8_128 = make_tiny_teacher(tmp_path / "f8-128", image_size=128)  # teacher v2's geometry
-    assert common.teacher_native_size(f8_128) == 128
-    assert reproduce_mini.geometry_flags(f8_128) == (["--resolution", "128"], taesd)
-    commands = dict(reproduce_mini.stage_commands(tmp_path / "run", tmp_path / "data", f8_128, smoke=False, ablation=True))
+    assert common.teacher_native_size(f8_128) == 128 and reproduce_mini.geometry_flags(f8_128) == ([], [])
+    f8_64 = make_tiny_teacher(tmp_path / "f8-64")  # f=8 at 64 px: every stage at 64 px, stage A's decoder unchanged
+    assert reproduce_mini.geometry_flags(f8_64) == (["--resolution", "64"], [])
+    v1 = tmp_path / "v1"  # teacher v1's geometry (64 px, f=4): its two configs are all geometry_flags reads
+    for sub, config in (("unet", {"sample_size": 16}), ("vae", {"block_out_channels": [32, 64, 64]})):
+        (v1 / sub).mkdir(parents=True)
+        (v1 / sub / "config.json").write_text(json.dumps(config))
+    assert common.teacher_native_size(v1) == 64
+    assert reproduce_mini.geometry_flags(v1) == (["--resolution", "64"], ["--decoder_blocks", "3,3,1", "--encoder_blocks", "1,3,3"])
+    commands = dict(reproduce_mini.stage_commands(tmp_path / "run", tmp_path / "data", v1, smoke=False, ablation=True))
     for name, argv in commands.items():
-        assert argv[argv.index("--resolution") + 1] == "128", name  # every stage at the teacher's side
+        assert argv[argv.index("--resolution") + 1] == "64", name  # every stage at the teacher's side
         assert ("--decoder_blocks" in argv) == (name == "decoder"), name
 
 

@@ -293,7 +293,7 @@ MUTATIONS: list[Mutation] = [
     Mutation("stage_c_pairs_latent_side_fixed_8", "train/distill_one_step.py",
              "side=args.resolution // common.vae_factor(teacher.vae.config), seed",
              "side=args.resolution // 8, seed",
-             ("tests/test_reproduce_mini.py::test_smoke_run_trains_every_stage_through_the_mini_preset_and_writes_the_table",),
+             ("tests/test_distill_one_step.py::test_psi_pairs_live_in_an_f4_teachers_latent_space",),
              "stage C's psi pairs made at SD's 8x latent side on an f=4 teacher"),
     Mutation("kd_feature_pairs_shifted", "train/distill_unet.py",
              'pairs + [(f"up_blocks.{j}", f"up_blocks.{j + 1}", "out") for j in range(n - 1)]',

@@ -63,13 +63,14 @@ SMOKE_PROMPTS = [
 # --- arguments and presets -----------------------------------------------------------------------
 
 
-# The mini reproduction's teacher (--preset mini's default --teacher): 64 px emoji, f=4 VAE, CFG U-Net.
+# The mini reproduction's teacher (--preset mini's default --teacher): teacher v2, 128 px emoji, f=8 VAE, CFG U-Net.
 EMOJI_TEACHER = Path(__file__).resolve().parents[1] / "models" / "emoji-teacher"
 
-# What every stage's --preset mini shares: the emoji teacher's 64 px images on a 2-core CPU, fp32,
-# both cores, resumable every few minutes. [ours] throughout: the paper has no such scale.
+# What every stage's --preset mini shares: the emoji teacher's 128 px images on a 2-core CPU, fp32,
+# both cores, resumable every few minutes. [ours] throughout: the paper has no such scale. (Teacher v1
+# was 64 px with an f=4 VAE: train/reproduce_mini.py adds --resolution 64 and stage A's blocks for it.)
 MINI_RUN = dict(
-    resolution=64, num_samples=0, sampler_steps=25, guidance_scale=4.0, grad_accum=1, lr_warmup_steps=50,
+    resolution=128, num_samples=0, sampler_steps=25, guidance_scale=4.0, grad_accum=1, lr_warmup_steps=50,
     mixed_precision="no", gradient_checkpointing=False, num_threads=0, keep_checkpoints=2, log_every=10,
 )
 

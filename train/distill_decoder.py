@@ -53,9 +53,9 @@ PRESETS = {
         vae_channels=16, decoder_blocks=(1, 1, 1, 1), encoder_blocks=(1, 1, 1, 1), train_encoder=True,
         lambda_gan=0.1, gan_start_step=10, disc_channels=16, disc_layers=2, disc_lr=1e-3,
     ),
-    "mini": dict(  # the emoji teacher's f=4 VAE (train/reproduce_mini.py); [ours] throughout
+    "mini": dict(  # the emoji teacher v2's f=8 VAE (train/reproduce_mini.py); [ours] throughout
         **common.MINI_RUN, batch_size=32, lr=1e-3, ema_decay=0.999, max_steps=800, checkpoint_every=200, sample_every=400,
-        vae_channels=32, decoder_blocks=(3, 3, 1), encoder_blocks=(1, 3, 3),  # TAESD's pattern, one stage fewer (f=4): 0.21 M decoder
+        vae_channels=32, decoder_blocks=(3, 3, 3, 1), encoder_blocks=(1, 3, 3, 3),  # TAESD's pattern at 32 channels: 0.31 M decoder
         train_encoder=True, lambda_gan=0.1, gan_start_step=400, disc_channels=32, disc_layers=2, disc_lr=2e-4,
     ),
     "paper": dict(

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train/evaluate_controlnet.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="the mini run's folder holding controlnet-teacher/, controlnet-distill/, controlnet-one-step/")
     parser.add_argument("--teacher", default=str(ROOT / "models" / "emoji-teacher"), help="the teacher pipeline (default models/emoji-teacher)")
-    parser.add_argument("--data", default="data/emoji", help="the emoji imagefolder with train/ and val/ (default data/emoji)")
+    parser.add_argument("--data", default="data/emoji128", help="the emoji imagefolder with train/ and val/ (default data/emoji128, "
+                        "the 128 px set of the bundled teacher v2)")
     parser.add_argument("--eval_tower", help="the evaluation network (default TEACHER/eval_tower)")
     parser.add_argument("--out", help="output folder (default RUN/eval-controlnet)")
     parser.add_argument("--control", default="sketch", choices=controls.CONTROL_KINDS, help="control kind of the ControlNets (default sketch)")

@@ -252,7 +252,8 @@ def save_grid(real: torch.Tensor, samples: dict[str, torch.Tensor], labels: dict
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train/evaluate_stages.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="train/reproduce_mini.py's --output_dir")
-    parser.add_argument("--data", default="data/emoji", help="the emoji imagefolder with train/ and val/ (default data/emoji)")
+    parser.add_argument("--data", default="data/emoji128", help="the emoji imagefolder with train/ and val/ (default data/emoji128, "
+                        "the 128 px set of the bundled teacher v2)")
     parser.add_argument("--teacher", default=str(ROOT / "models" / "emoji-teacher"), help="the teacher pipeline (default models/emoji-teacher)")
     parser.add_argument("--eval_tower", help="the evaluation network (default TEACHER/eval_tower)")
     parser.add_argument("--out", help="output folder (default RUN/eval)")

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """The SDXS recipe end to end on the bundled emoji teacher, on a CPU: the mini reproduction (issue 14).
 
-    python train/emoji_data.py --out data/emoji                          # the data, once
-    python train/reproduce_mini.py --output_dir outputs/mini             # stages A, B, C, ablation, table
+    python train/emoji_data.py --out data/emoji128 --image_size 128 \
+        --styles noto,twemoji,fluent-color,fluent-flat,fluent-high-contrast   # the data, once
+    python train/reproduce_mini.py --output_dir outputs/mini             # stages A-D, ablation, tables
     python train/reproduce_mini.py --output_dir outputs/mini-smoke --smoke   # every step on tiny settings (CI)
 
 Each stage is the same script a researcher runs at paper scale, with `--preset mini`:
 
-1. stage A, `train/distill_decoder.py`: a tiny decoder for the teacher's VAE (f=4 for v1, 8 for v2; Eq. 5);
+1. stage A, `train/distill_decoder.py`: a tiny decoder for the teacher's VAE (f=8 for v2, 4 for v1; Eq. 5);
 2. stage B, `train/distill_unet.py`: the block-removed student U-Net (no mid block, no last stage),
    output + feature KD from the teacher (Eqs. 6-8), with stage A's decoder as its vae/;
 3. stage C, `train/distill_one_step.py`: the one-step generator from stage B's student, feature-matching
@@ -58,10 +59,10 @@ SMOKE_EVAL = ["--num_images", "8", "--teacher_steps", "2", "--latency_runs", "2"
 
 
 def geometry_flags(teacher: Path) -> tuple[list[str], list[str]]:
-    """What the mini presets (made for the v1 emoji teacher: 64 px, an f=4 VAE) need changed for another
-    teacher, e.g. teacher v2 (128 px, f=8): (flags of every stage, flags of stage A). Every stage runs at the
+    """What the mini presets (made for the bundled teacher v2: 128 px, an f=8 VAE) need changed for another
+    teacher, e.g. teacher v1 (64 px, f=4): (flags of every stage, flags of stage A). Every stage runs at the
     teacher's image side; stage A's decoder gets TAESD's pattern with one stage per 2x of the teacher's
-    VAE (f=8: 3,3,3,1, the released SDXS decoder's shape). Nothing changes for the v1 teacher."""
+    VAE (f=8: 3,3,3,1, the released SDXS decoder's shape; f=4: 3,3,1). Nothing changes for teacher v2."""
     from train.common import teacher_native_size, teacher_vae_factor
     from train.distill_decoder import PRESETS as PRESETS_DECODER
 
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train/reproduce_mini.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="run folder: decoder/, unet/, one-step/, ..., eval/")
-    parser.add_argument("--data", default="data/emoji", help="the emoji imagefolder with train/ and val/ (default data/emoji)")
+    parser.add_argument("--data", default="data/emoji128", help="the emoji imagefolder with train/ and val/ (default data/emoji128, "
+                        "the 128 px set of the bundled teacher v2)")
     parser.add_argument("--teacher", default=str(TEACHER), help="the multi-step teacher pipeline (default models/emoji-teacher)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: every stage and the evaluation in about a minute")
     parser.add_argument("--no_ablation", action="store_true", help="skip the one-step run without the FM warm-up")

@@ -97,9 +97,10 @@ TINY_SDXL_TEACHER_VAE = dict(arch.TINY_SD_VAE, sample_size=64, scaling_factor=ar
 FAMILIES = ("sd", "sdxl")
 
 
-def make_tiny_teacher(dest: str | Path, *, seed: int = 0, family: str = "sd", image_size: int = 64) -> Path:
+def make_tiny_teacher(dest: str | Path, *, seed: int = 0, family: str = "sd", image_size: int = 64, vae_factor: int = 8) -> Path:
     """Write the tiny random teacher of `family` ("sd" or "sdxl") to `dest` (a new folder; written whole or not at all),
-    for images of `image_size` pixels (a multiple of 64; its f=8 VAE makes image_size / 8 latents)."""
+    for images of `image_size` pixels (a multiple of 64; its VAE makes image_size / vae_factor latents: f=8 as SD's,
+    or f=4 (family sd) as the emoji teacher v1's, one VAE stage fewer)."""
     import diffusers
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -114,13 +115,19 @@ def make_tiny_teacher(dest: str | Path, *, seed: int = 0, family: str = "sd", im
         raise FileExistsError(f"{dest} exists and is not empty; choose a new folder.")
     if image_size % 64:
         raise ValueError(f"image_size must be a multiple of 64; got {image_size}.")
+    if vae_factor not in ((8,) if family == "sdxl" else (4, 8)):
+        raise ValueError(f"vae_factor must be 8{' or 4' if family == 'sd' else ''} for family {family}; got {vae_factor}.")
+    stages = vae_factor.bit_length()  # f = 2^(stages - 1)
+    vae_config = {**(TINY_SDXL_TEACHER_VAE if family == "sdxl" else TINY_TEACHER_VAE), "sample_size": image_size}
+    vae_config.update({key: tuple(vae_config[key][:stages]) for key in ("block_out_channels", "down_block_types", "up_block_types")})
     torch.manual_seed(seed)
     sdxl = family == "sdxl"
     scheduler_class, scheduler_config = arch.SDXL_EULER_SCHEDULER if sdxl else SD_SCHEDULER
     components = {
         "text_encoder": CLIPTextModel(CLIPTextConfig(**(TINY_SDXL_TEXT if sdxl else arch.TINY_TEXT))).eval(),
-        "unet": diffusers.UNet2DConditionModel(**{**(TINY_SDXL_TEACHER_UNET if sdxl else TINY_TEACHER_UNET), "sample_size": image_size // 8}).eval(),
-        "vae": diffusers.AutoencoderKL(**{**(TINY_SDXL_TEACHER_VAE if sdxl else TINY_TEACHER_VAE), "sample_size": image_size}).eval(),
+        "unet": diffusers.UNet2DConditionModel(**{**(TINY_SDXL_TEACHER_UNET if sdxl else TINY_TEACHER_UNET),
+                                                   "sample_size": image_size // vae_factor}).eval(),
+        "vae": diffusers.AutoencoderKL(**vae_config).eval(),
         "scheduler": getattr(diffusers, scheduler_class).from_config(scheduler_config),
     }
     if sdxl:
