@@ -198,6 +198,27 @@ def test_targets_compare_the_final_model_with_the_teacher():
     assert evaluate_stages.targets([_row("mini_sdxs", 1.0, 1.0, 1.0)]) == []
 
 
+def test_a_row_needs_its_decoder_too_and_the_table_says_so_before_sampling(tmp_path, capsys):
+    """A run folder with stage C's final but no stage A decoder (e.g. one stage copied alone): every row on the
+    tiny decoder is left out and named with the decoder's folder, and the table refuses to start, rather
+    than sampling the teacher rows for minutes and then stopping on a traceback."""
+    run = tmp_path / "run"
+    for name in ("unet", "one-step"):
+        (run / name / "final").mkdir(parents=True)
+    rows, missing = evaluate_stages.stage_rows(run, TEACHER, teacher_steps=25, guidance=4.0, psi_steps=10)
+    assert [r.key for r in rows] == ["teacher", "psi"]
+    assert [m.rsplit(" (", 1)[1] for m in missing] == ["final/vae)", "final/vae)", "one-step-warmup/final)", "final/vae)",
+                                                       "one-step-no-warmup/final)"], missing
+    assert missing[3].startswith("+ score distillation: mini SDXS")
+    (run / "decoder" / "final" / "vae").mkdir(parents=True)
+    rows, _ = evaluate_stages.stage_rows(run, TEACHER, teacher_steps=25, guidance=4.0, psi_steps=0)
+    assert [r.key for r in rows] == ["teacher", "teacher_tiny_decoder", "student_multi_step", "mini_sdxs"]
+    (run / "decoder" / "final" / "vae").rmdir()
+    with pytest.raises(SystemExit, match=r"stage A's decoder .*decoder/final/vae is missing"):
+        evaluate_stages.main(["--run", str(run), "--data", str(emoji_like_folder(tmp_path / "data"))])
+    assert not (run / "eval").exists()
+
+
 def test_export_copies_the_model_and_figures_and_keeps_an_existing_card(smoke_run, tmp_path):
     out, data, _ = smoke_run
     dest, figures = tmp_path / "mini-sdxs", tmp_path / "figures"

@@ -71,25 +71,28 @@ class Row:
 
 
 def stage_rows(run: Path, teacher: Path, *, teacher_steps: int, guidance: float, psi_steps: int) -> tuple[list[Row], list[str]]:
-    """The rows whose folders exist, and the labels of those that do not. `psi_steps` > 0 adds a
+    """The rows whose folders (U-Net pipeline and tiny decoder) exist, and the labels of those that do not,
+    each with the first missing folder: decided here, before any row is sampled. `psi_steps` > 0 adds a
     reference row: psi, the teacher's few-step sampler whose outputs are stage C's FM targets."""
     tiny = run / "decoder" / "final" / "vae"
-    psi = [(Row("psi", f"reference: psi, the FM targets (teacher, {psi_steps} steps + CFG)", teacher, None, psi_steps, guidance), teacher)]
+    psi = [Row("psi", f"reference: psi, the FM targets (teacher, {psi_steps} steps + CFG)", teacher, None, psi_steps, guidance)]
     candidates = [
-        (Row("teacher", f"teacher ({teacher_steps} steps + CFG)", teacher, None, teacher_steps, guidance), teacher),
+        Row("teacher", f"teacher ({teacher_steps} steps + CFG)", teacher, None, teacher_steps, guidance),
         *(psi if psi_steps else []),
-        (Row("teacher_tiny_decoder", "+ tiny decoder (stage A)", teacher, tiny, teacher_steps, guidance), tiny),
-        (Row("student_multi_step", f"+ block removal (stage B, {teacher_steps} steps + CFG)", run / "unet" / "final", tiny,
-             teacher_steps, guidance), run / "unet" / "final"),
-        (Row("one_step_fm_only", "+ one step, FM warm-up only (stage C)", run / "one-step-warmup" / "final", tiny, 1, 0.0),
-         run / "one-step-warmup" / "final"),
-        (Row("mini_sdxs", "+ score distillation: mini SDXS (stage C)", run / "one-step" / "final", tiny, 1, 0.0),
-         run / "one-step" / "final"),
-        (Row("ablation_no_fm_warmup", "ablation: one step without the FM warm-up", run / "one-step-no-warmup" / "final", tiny, 1, 0.0),
-         run / "one-step-no-warmup" / "final"),
+        Row("teacher_tiny_decoder", "+ tiny decoder (stage A)", teacher, tiny, teacher_steps, guidance),
+        Row("student_multi_step", f"+ block removal (stage B, {teacher_steps} steps + CFG)", run / "unet" / "final", tiny,
+            teacher_steps, guidance),
+        Row("one_step_fm_only", "+ one step, FM warm-up only (stage C)", run / "one-step-warmup" / "final", tiny, 1, 0.0),
+        Row("mini_sdxs", "+ score distillation: mini SDXS (stage C)", run / "one-step" / "final", tiny, 1, 0.0),
+        Row("ablation_no_fm_warmup", "ablation: one step without the FM warm-up", run / "one-step-no-warmup" / "final", tiny, 1, 0.0),
     ]
-    rows = [row for row, needed in candidates if needed.is_dir()]
-    missing = [f"{row.label} ({shown_path(needed)})" for row, needed in candidates if not needed.is_dir()]
+    rows, missing = [], []
+    for row in candidates:
+        absent = [folder for folder in (row.unet, row.decoder) if folder is not None and not folder.is_dir()]
+        if absent:
+            missing.append(f"{row.label} ({shown_path(absent[0])})")
+        else:
+            rows.append(row)
     return rows, missing
 
 
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, missing = stage_rows(run, teacher, teacher_steps=args.teacher_steps, guidance=args.guidance,
                                psi_steps=psi_steps_of(run) if args.psi_steps is None else args.psi_steps)
     if not any(r.key == "mini_sdxs" for r in rows):
-        raise SystemExit(f"{run / 'one-step' / 'final'} is missing: run train/reproduce_mini.py --output_dir {run} first.")
+        raise SystemExit(f"{run / 'one-step' / 'final'} or stage A's decoder {run / 'decoder' / 'final' / 'vae'} is missing: "
+                         f"run train/reproduce_mini.py --output_dir {run} first.")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
