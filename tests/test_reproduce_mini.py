@@ -128,9 +128,19 @@ def test_a_second_run_skips_finished_stages(smoke_run):
     assert result.stderr.count("skipped") == 8 and "python train/" not in result.stderr  # A, B, C, warm-up, 3 of D, ablation
 
 
-def test_missing_data_says_how_to_build_it(tmp_path):
-    with pytest.raises(SystemExit, match=r"python train/emoji_data.py --out"):
-        reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--data", str(tmp_path / "nothing")])
+def test_missing_data_says_how_to_build_it_at_the_teachers_side(tmp_path):
+    nothing = tmp_path / "nothing"
+    with pytest.raises(SystemExit, match=rf"python train/emoji_data.py --out {nothing} --image_size 128$"):  # teacher v2
+        reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--data", str(nothing)])
+    with pytest.raises(SystemExit, match=rf"python train/emoji_data.py --out {nothing} --image_size 128$"):
+        evaluate_stages.main(["--run", str(tmp_path / "out"), "--data", str(nothing)])
+    v1 = tmp_path / "v1"  # teacher v1's geometry (64 px, f=4): the 64 px set, the script's default size
+    for sub, config in (("unet", {"sample_size": 16}), ("vae", {"block_out_channels": [32, 64, 64]})):
+        (v1 / sub).mkdir(parents=True)
+        (v1 / sub / "config.json").write_text(json.dumps(config))
+    (v1 / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit, match=rf"python train/emoji_data.py --out {nothing}$"):
+        reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--data", str(nothing), "--teacher", str(v1)])
     assert not (tmp_path / "out").exists()
 
 

@@ -383,6 +383,15 @@ def teacher_native_size(root: Path) -> int:
     return int(sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size) * teacher_vae_factor(Path(root))
 
 
+def data_side(root: Path) -> int:
+    """The image side of the emoji set a teacher folder is trained on: its own (128 px for v2, 64 for v1), or
+    the mini preset's when its configs cannot tell (the teacher's own check then says what is wrong)."""
+    try:
+        return teacher_native_size(Path(root))
+    except (OSError, ValueError, KeyError, TypeError):
+        return MINI_RUN["resolution"]
+
+
 def load_teacher(model: str, device: torch.device, dtype: torch.dtype, *, unet: bool = True, flag: str = "--teacher") -> Teacher:
     """Load a teacher (hub id or local diffusers folder) frozen, in eval mode, on `device`.
 

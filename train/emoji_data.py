@@ -747,6 +747,12 @@ def summary(counts: dict) -> str:
     return "\n".join(rows)
 
 
+def build_command(out, image_size: int = IMAGE_SIZE) -> str:
+    """The command that writes the emoji set for `image_size` px images to `out`, with that size's default styles
+    (64 px: the PNG styles of teacher v1; other sizes: the SVG styles of teacher v2)."""
+    return f"python train/emoji_data.py --out {out}" + ("" if image_size == IMAGE_SIZE else f" --image_size {image_size}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Licences: see train/EMOJI_NOTICE.md (copied to OUT/NOTICE.md).")

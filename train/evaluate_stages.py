@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from train import common
+from train import common, emoji_data
 from train import evaluate as ev
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,7 +277,9 @@ def check_inputs(args, data: Path, tower_dir: Path) -> None:
     step counts below 1 (this script's and train/evaluate_controlnet.py's flags)."""
     for split in ("train", "val"):
         if not (data / split / "metadata.jsonl").is_file():
-            raise SystemExit(f"--data {data}: no {split}/metadata.jsonl. Build it with: python train/emoji_data.py --out {data}")
+            side = common.data_side(Path(args.teacher))
+            raise SystemExit(f"--data {data}: no {split}/metadata.jsonl. Build it (at the teacher's {side} px) with: "
+                             f"{emoji_data.build_command(data, side)}")
     if not (tower_dir / "config.json").is_file():
         raise SystemExit(f"{tower_dir} holds no evaluation network: pass --eval_tower (e.g. models/emoji-teacher/eval_tower).")
     for name in ("teacher_steps", "latency_runs"):

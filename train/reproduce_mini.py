@@ -39,8 +39,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from train import common  # noqa: E402
 from train.distill_one_step import PRESETS as PRESETS_ONE_STEP  # noqa: E402
-from train.emoji_data import CLDR_NAMES  # noqa: E402
+from train.emoji_data import CLDR_NAMES, build_command  # noqa: E402
 TEACHER = ROOT / "models" / "emoji-teacher"
 
 # What --smoke changes in each stage's --preset mini: tiny data and steps, same code path.
@@ -281,12 +282,12 @@ def export(out: Path, dest: Path, figures: Path, data: Path | None = None) -> No
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out, data, teacher = Path(args.output_dir).resolve(), Path(args.data).resolve(), Path(args.teacher).resolve()
-    for split in ("train", "val"):
-        if not (data / split / "metadata.jsonl").is_file():
-            raise SystemExit(f"--data {args.data}: no {split}/metadata.jsonl. Build the emoji data first: "
-                             f"python train/emoji_data.py --out {args.data}")
     if not (teacher / "model_index.json").is_file():
         raise SystemExit(f"--teacher {args.teacher}: not a pipeline folder (no model_index.json).")
+    for split in ("train", "val"):
+        if not (data / split / "metadata.jsonl").is_file():
+            raise SystemExit(f"--data {args.data}: no {split}/metadata.jsonl. Build the emoji data first, at the "
+                             f"teacher's side: {build_command(args.data, common.data_side(teacher))}")
     out.mkdir(parents=True, exist_ok=True)
     for name, stage_argv in stage_commands(out, data, teacher, smoke=args.smoke, ablation=not args.no_ablation,
                                            controlnet=not args.no_controlnet):
