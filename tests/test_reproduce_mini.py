@@ -48,8 +48,9 @@ def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
     data = emoji_like_folder(root / "data")
     out = root / "run"
-    result = subprocess.run([sys.executable, "train/reproduce_mini.py", "--output_dir", str(out), "--data", str(data), "--smoke"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    # --jobs 2: stages at once where their inputs allow (as on a GPU); the 128 px run below runs them in turn
+    result = subprocess.run([sys.executable, "train/reproduce_mini.py", "--output_dir", str(out), "--data", str(data), "--smoke",
+                             "--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, data, result.stderr
 
@@ -144,6 +145,60 @@ def test_missing_data_says_how_to_build_it_at_the_teachers_side(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_under_jobs_each_stage_writes_its_own_log(smoke_run):
+    out, _, log = smoke_run
+    assert "Tiny decoder saved" in (out / "decoder.log").read_text()
+    assert "Pipeline with the one_step ControlNet saved" in (out / "controlnet-one-step.log").read_text()
+    assert f"(output: {out / 'unet.log'})" in log
+
+
+def test_each_stage_waits_for_the_stages_whose_final_folders_it_reads():
+    out = Path("/runs/mini")
+    commands = reproduce_mini.stage_commands(out, Path("/data"), TEACHER, smoke=False, ablation=True)
+    assert reproduce_mini.stage_inputs(commands, out) == {
+        "decoder": [], "unet": ["decoder"], "one-step": ["decoder", "unet"], "one-step-warmup": ["decoder", "unet"],
+        "controlnet-teacher": [], "controlnet-distill": ["unet", "controlnet-teacher"],
+        "controlnet-one-step": ["one-step", "controlnet-teacher", "controlnet-distill"], "one-step-no-warmup": ["decoder", "unet"]}
+
+
+FAKE_STAGE = ("import json, pathlib, sys, time; out, name, seconds, code = pathlib.Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), "
+              "int(sys.argv[4]); start = time.time(); time.sleep(seconds); print(name, 'ran'); "
+              "(out / f'{name}.times').write_text(json.dumps([start, time.time()])); code and sys.exit(code); "
+              "(out / name / 'final').mkdir(parents=True); (out / name / 'final' / 'model_index.json').write_text('{}')")
+
+
+def fake_stage(out: Path, name: str, seconds: float, *reads: str, exit_code: int = 0) -> tuple[str, list[str]]:
+    """A stage that sleeps, records when it ran and writes its final/ (unless it fails); it reads `reads`."""
+    return name, ["-c", FAKE_STAGE, str(out), name, str(seconds), str(exit_code), *[str(out / r / "final") for r in reads]]
+
+
+def test_with_jobs_stages_overlap_but_none_starts_before_its_inputs_are_final(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    commands = [fake_stage(out, "a", 1.0), fake_stage(out, "b", 0.2, "a"), fake_stage(out, "c", 0.6),
+                fake_stage(out, "d", 0.2, "b", "c")]
+    reproduce_mini.run_stages(commands, out, jobs=2)
+    times = {name: json.loads((out / f"{name}.times").read_text()) for name in "abcd"}
+    assert times["c"][0] < times["a"][1]  # independent stages ran at once
+    assert times["b"][0] >= times["a"][1] and times["d"][0] >= max(times["b"][1], times["c"][1])
+    assert (out / "a.log").read_text() == "a ran\n"
+
+
+def test_with_jobs_a_failed_stage_lets_the_running_ones_finish_and_starts_none_after_it(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    commands = [fake_stage(out, "a", 0.1, exit_code=3), fake_stage(out, "b", 0.1, "a"), fake_stage(out, "c", 0.8)]
+    with pytest.raises(SystemExit, match=rf"a stopped with exit code 3; its output is in {out / 'a.log'}\. .*run the same command again"):
+        reproduce_mini.run_stages(commands, out, jobs=2)
+    assert reproduce_mini.is_final(out, "c") and not (out / "b.times").exists()
+
+
+def test_jobs_below_one_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--jobs", "0"])
+    assert stop.value.code == 2 and "--jobs must be at least 1; got 0" in capsys.readouterr().err
+
+
 def test_a_failing_stage_stops_the_run_and_says_how_to_resume(tmp_path):
     data = emoji_like_folder(tmp_path / "data")
     broken_teacher = tmp_path / "teacher"
@@ -223,6 +278,11 @@ def test_a_row_needs_its_decoder_too_and_the_table_says_so_before_sampling(tmp_p
     (run / "decoder" / "final" / "vae").mkdir(parents=True)
     rows, _ = evaluate_stages.stage_rows(run, TEACHER, teacher_steps=25, guidance=4.0, psi_steps=0)
     assert [r.key for r in rows] == ["teacher", "teacher_tiny_decoder", "student_multi_step", "mini_sdxs"]
+    # stage C's psi steps unknown (its checkpoints deleted, or a run copied without them): said, not dropped
+    rows, missing = evaluate_stages.stage_rows(run, TEACHER, teacher_steps=25, guidance=4.0,
+                                               psi_steps=evaluate_stages.psi_steps_of(run))
+    assert "psi" not in [r.key for r in rows] and missing[0].startswith("reference: psi (stage C's sampler steps")
+    assert "--psi_steps N adds the row" in missing[0]
     (run / "decoder" / "final" / "vae").rmdir()
     with pytest.raises(SystemExit, match=r"stage A's decoder .*decoder/final/vae is missing"):
         evaluate_stages.main(["--run", str(run), "--data", str(emoji_like_folder(tmp_path / "data"))])

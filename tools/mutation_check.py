@@ -778,6 +778,21 @@ MUTATIONS: list[Mutation] = [
              "for folder in (row.unet,) if",
              ("tests/test_reproduce_mini.py::test_a_row_needs_its_decoder_too_and_the_table_says_so_before_sampling",),
              "a row whose tiny decoder is missing is sampled anyway (a traceback after the teacher rows' minutes)"),
+    Mutation("jobs_ignore_stage_inputs", "train/reproduce_mini.py",
+             "elif all(is_final(out, other) for other in inputs[name]):",
+             "elif True:",
+             ("tests/test_reproduce_mini.py::test_with_jobs_stages_overlap_but_none_starts_before_its_inputs_are_final",),
+             "--jobs starts a stage before the stages it reads are final (stage C on a half-written student)"),
+    Mutation("stage_inputs_miss_subfolders", "train/reproduce_mini.py",
+             "any(arg == final or arg.startswith(final + os.sep) for arg in argv)",
+             "any(arg == final for arg in argv)",
+             ("tests/test_reproduce_mini.py::test_each_stage_waits_for_the_stages_whose_final_folders_it_reads",),
+             "a stage that reads only a folder inside another's final/ (--tiny_decoder DECODER/final/vae) does not wait for it"),
+    Mutation("psi_row_dropped_silently", "train/evaluate_stages.py",
+             "    if psi_steps is None:\n        missing.insert(0,",
+             "    if False:\n        missing.insert(0,",
+             ("tests/test_reproduce_mini.py::test_a_row_needs_its_decoder_too_and_the_table_says_so_before_sampling",),
+             "without stage C's checkpoints the psi reference row disappears from the table without a word"),
 ]
 
 

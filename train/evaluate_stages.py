@@ -70,10 +70,12 @@ class Row:
     guidance: float
 
 
-def stage_rows(run: Path, teacher: Path, *, teacher_steps: int, guidance: float, psi_steps: int) -> tuple[list[Row], list[str]]:
+def stage_rows(run: Path, teacher: Path, *, teacher_steps: int, guidance: float,
+               psi_steps: int | None) -> tuple[list[Row], list[str]]:
     """The rows whose folders (U-Net pipeline and tiny decoder) exist, and the labels of those that do not,
     each with the first missing folder: decided here, before any row is sampled. `psi_steps` > 0 adds a
-    reference row: psi, the teacher's few-step sampler whose outputs are stage C's FM targets."""
+    reference row: psi, the teacher's few-step sampler whose outputs are stage C's FM targets; None (stage
+    C's steps unknown: `psi_steps_of` found no checkpoint) names that row as missing too."""
     tiny = run / "decoder" / "final" / "vae"
     psi = [Row("psi", f"reference: psi, the FM targets (teacher, {psi_steps} steps + CFG)", teacher, None, psi_steps, guidance)]
     candidates = [
@@ -93,13 +95,16 @@ def stage_rows(run: Path, teacher: Path, *, teacher_steps: int, guidance: float,
             missing.append(f"{row.label} ({shown_path(absent[0])})")
         else:
             rows.append(row)
+    if psi_steps is None:
+        missing.insert(0, f"reference: psi (stage C's sampler steps are read from its checkpoints, and "
+                          f"{shown_path(run / 'one-step' / 'checkpoints')} has none; --psi_steps N adds the row)")
     return rows, missing
 
 
-def psi_steps_of(run: Path) -> int:
-    """Stage C's psi sampler steps, read from its newest checkpoint's settings (0 when none is left)."""
+def psi_steps_of(run: Path) -> int | None:
+    """Stage C's psi sampler steps, read from its newest checkpoint's settings (None when none is left)."""
     metas = sorted((run / "one-step" / "checkpoints").glob("step-*/meta.json"))
-    return int(json.loads(metas[-1].read_text())["config"]["sampler_steps"]) if metas else 0
+    return int(json.loads(metas[-1].read_text())["config"]["sampler_steps"]) if metas else None
 
 
 def build_pipeline(row: Row, teacher: Path):
