@@ -2,7 +2,7 @@
 
     python app.py                            # IDKiro/sdxs-512-dreamshaper (+ its anime LoRA) from the HF cache/hub;
                                              # offline and not cached: the built-in mini model (models/mini-sdxs), with a notice
-    python app.py --model mini               # the built-in 64 px emoji model (short prompts: "grinning face")
+    python app.py --model mini               # the built-in 128 px emoji model (short prompts: "grinning face")
     python app.py --model tiny-model         # any local diffusers folder (python -m sdxs make-tiny tiny-model)
     python app.py --host 0.0.0.0 --port 7860 --share
 """
@@ -31,12 +31,12 @@ EXAMPLES = [
 ]
 DECODER_LABELS = {"tiny": "Tiny (TAESD, fast)", "large": "Large (SD VAE, quality)"}
 DISPLAY_SIZE = 512  # the side the gallery shows images at, about; smaller models' images are enlarged
-# Browsers smooth an enlarged image (a 64 px emoji turns to mush); nearest-neighbour keeps its pixels sharp.
+# Browsers smooth an enlarged image (a 128 px emoji turns to mush); nearest-neighbour keeps its pixels sharp.
 PIXELATED_GALLERY_CSS = "#gallery img { image-rendering: pixelated; }"
 
 
 def enlarged(native_size: int) -> bool:
-    """Whether the page shows a model's images larger than they are made (64 px emoji, not SDXS-512)."""
+    """Whether the page shows a model's images larger than they are made (128 px emoji, not SDXS-512)."""
     return native_size < DISPLAY_SIZE
 
 
@@ -78,7 +78,7 @@ def make_generate(engines: dict[str, SDXSEngine] | SDXSEngine, runners: dict | N
         for note in notes:
             gr.Warning(note)
         expanded = model_prompt if model_prompt != prompt else None
-        # At the native size (a 64 px model's PNGs stay 64 px: the gallery's download gives them as
+        # At the native size (a 128 px model's PNGs stay 128 px: the gallery's download gives them as
         # made; gallery_css enlarges them on the page without blur).
         return result.images, seed, status_line(result, engines[style], seed, notes, expanded_prompt=expanded)
 

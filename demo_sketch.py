@@ -2,7 +2,7 @@
 
     python demo_sketch.py                           # IDKiro/sdxs-512-dreamshaper-sketch on its DreamShaper base;
                                                     # offline and not cached: the built-in mini model's sketch ControlNet
-    python demo_sketch.py --model mini              # the built-in 64 px emoji model (models/mini-sdxs/controlnet/)
+    python demo_sketch.py --model mini              # the built-in 128 px emoji model (models/mini-sdxs/controlnet/)
     python demo_sketch.py --model tiny-model        # a local folder with a controlnet/ subfolder
     python demo_sketch.py --host 0.0.0.0 --port 7860 --share
 """
@@ -26,13 +26,13 @@ from sdxs.webapp import (add_common_flags, concurrency_limit, configure_console,
 EMPTY_MESSAGE = "Draw on the canvas (or upload a line drawing) to start: the image follows every stroke."
 DEFAULT_PROMPT = "a cute cat"  # the built-in model's default is its first example ("grinning face")
 DISPLAY_SIZE = 512  # the side the canvas and the image are shown at, about; smaller models' images are enlarged
-# Gradio's image only ever shrinks a picture to its box (a 64 px emoji would stay a 64 px speck), and a
+# Gradio's image only ever shrinks a picture to its box (a 128 px emoji would stay a 128 px speck), and a
 # browser smooths what it enlarges: fill the box, with nearest neighbours, as app.py's gallery does.
 PIXELATED_IMAGES_CSS = "#output img, #seen img { object-fit: contain; image-rendering: pixelated; }"
 
 
 def page_css(engine: SDXSEngine) -> str | None:
-    """Style rules for a model whose images the page enlarges (64 px emoji); None for 512 px models."""
+    """Style rules for a model whose images the page enlarges (128 px emoji); None for 512 px models."""
     return PIXELATED_IMAGES_CSS if engine.native_size < DISPLAY_SIZE else None
 
 

@@ -187,8 +187,8 @@ class BuiltinModel:
 
     def expand_prompt(self, prompt: str) -> str:
         """The prompt the model reads: "Red apple" -> its training caption "an emoji of red apple, apple,
-        category food & drink, subcategory food-fruit, google style" when the caption table knows the
-        name, else the template's "an emoji of red apple, google style" (lower case, single spaces, as
+        category food & drink, subcategory food-fruit, noto style" when the caption table knows the
+        name, else the template's "an emoji of red apple, noto style" (lower case, single spaces, as
         the training captions). A prompt already in the caption form (starting with the template's
         prefix, any case) and an empty prompt are kept as written."""
         if not prompt.strip() or prompt.strip().lower().startswith(self.prompt_prefix.lower()):
@@ -202,17 +202,17 @@ BUILTIN_MODEL = "mini"
 BUILTIN: dict[str, BuiltinModel] = {
     BUILTIN_MODEL: BuiltinModel(
         name=BUILTIN_MODEL,
-        title="Mini SDXS (64 px emoji)",
+        title="Mini SDXS (128 px emoji)",
         folder=MODELS_DIR / "mini-sdxs",
-        native_size=64,
+        native_size=128,
         # The emoji captions (train/emoji_data.py build_caption) read "an emoji of <name>, <short names>,
-        # category ..., subcategory ..., google style|twitter style": a short prompt gets the two parts
-        # every caption has, the opening and one style (google, the first style of the data set).
-        prompt_template="an emoji of {prompt}, google style",
-        # the google-style training captions by emoji name and short name (reproduce_mini.py --export):
+        # category ..., subcategory ..., <style> style" (v2's styles: noto, twemoji, fluent color, ...): a short
+        # prompt gets the two parts every caption has, the opening and one style (noto, Google's Noto Emoji).
+        prompt_template="an emoji of {prompt}, noto style",
+        # the noto-style training captions by emoji name, short name and CLDR name (reproduce_mini.py --export):
         # the model draws "grinning face" far better from its full caption (category, subcategory)
         captions_file="captions.json",
-        description="One-step 64x64 emoji, distilled from models/emoji-teacher by train/ stages A-C; runs on any CPU.",
+        description="One-step 128x128 emoji, distilled from models/emoji-teacher (v2) by train/ stages A-D; runs on any CPU.",
         examples=("grinning face", "red apple", "smiling face with sunglasses", "slice of pizza", "rocket", "ghost"),
     ),
 }

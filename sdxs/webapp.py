@@ -264,7 +264,7 @@ def sketch_size(engine: SDXSEngine) -> int:
 
 def prompt_for(engine: SDXSEngine, prompt: str) -> str:
     """The prompt as `engine`'s model reads it: the built-in model's template applied to a short
-    prompt ("red apple" -> "an emoji of red apple, google style"), any other model's unchanged."""
+    prompt ("red apple" -> "an emoji of red apple, noto style"), any other model's unchanged."""
     builtin = builtin_model(engine.name)
     return builtin.expand_prompt(prompt) if builtin else prompt
 

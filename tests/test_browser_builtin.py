@@ -1,5 +1,5 @@
 """End to end in a real headless browser: `python app.py` with no --model, offline and with an empty
-Hugging Face cache, serves the built-in model: the notice shows, short prompts give 64 px images shown
+Hugging Face cache, serves the built-in model: the notice shows, short prompts give 128 px images shown
 enlarged without blur, and the download is the native PNG.
 
 SDXS_SAVE_SCREENSHOTS=1 also writes docs/screenshots/builtin-*.png (regenerate them with the trained
@@ -32,7 +32,8 @@ def test_app_without_model_offline_serves_the_built_in_model(tmp_path):
         notice.wait_for(state="visible", timeout=30_000)
         assert "IDKiro/sdxs-512-dreamshaper" in notice.inner_text() and "hf download" in notice.inner_text()
 
-        for prompt, name in [("grinning face", "builtin-grinning-face.png"), ("red apple", "builtin-red-apple.png")]:
+        for prompt, name in [("grinning face", "builtin-grinning-face.png"), ("red apple", "builtin-red-apple.png"),
+                             ("rocket", "builtin-rocket.png")]:  # short prompts as a user types them (issue 18)
             page.locator("#prompt textarea").fill(prompt)
             page.locator("#run").click()
             caption = BUILTIN[BUILTIN_MODEL].expand_prompt(prompt)  # its training caption (captions.json)
@@ -41,9 +42,9 @@ def test_app_without_model_offline_serves_the_built_in_model(tmp_path):
             assert title in page.locator("#status").inner_text()
             image = page.locator("#gallery img").first
             image.wait_for(state="visible", timeout=30_000)
-            # Native 64 px file, shown at least 4x larger, with nearest-neighbour scaling, whole inside the gallery.
+            # Native 128 px file, shown at least 2x larger, with nearest-neighbour scaling, whole inside the gallery.
             natural, shown, rendering = image.evaluate("img => [img.naturalWidth, img.clientWidth, getComputedStyle(img).imageRendering]")
-            assert natural == 64 and shown >= 256 and rendering == "pixelated"
+            assert natural == 128 and shown >= 256 and rendering == "pixelated"
             box, gallery = image.bounding_box(), page.locator("#gallery").bounding_box()
             assert box["y"] + box["height"] <= gallery["y"] + gallery["height"] + 1
             save_for_docs(screenshot(page, name, tmp_path), name)
@@ -53,7 +54,7 @@ def test_app_without_model_offline_serves_the_built_in_model(tmp_path):
         with page.expect_download(timeout=30_000) as download:
             page.locator("#gallery").get_by_role("button", name="Download").first.click()
         downloaded = Image.open(download.value.path())
-        assert downloaded.format == "PNG" and downloaded.size == (64, 64)
+        assert downloaded.format == "PNG" and downloaded.size == (128, 128)
     log = (tmp_path / "app.log").read_text()
     [warning] = [line for line in log.splitlines() if line.startswith("warning:")]  # one line: what happened, what to do
     assert "could not be loaded" in warning and "hf download" in warning

@@ -1,6 +1,6 @@
 """End to end in a real headless browser: `python demo_sketch.py` with no --model, offline and with an empty
 Hugging Face cache, serves the built-in sketch model (models/mini-sdxs with its controlnet/): the notice
-shows, a circle drawn on the canvas with the prompt "grinning face" gives a 64 px image, shown enlarged
+shows, a circle drawn on the canvas with the prompt "grinning face" gives a 128 px image, shown enlarged
 without blur.
 
 It runs the repository itself when models/mini-sdxs has its controlnet/, else a copy of the checkout with a
@@ -54,9 +54,9 @@ def test_demo_sketch_without_model_offline_serves_the_built_in_sketch_model(tmp_
         for elem_id, shown_at_least in [("output", 256), ("seen", 128)]:
             image = page.locator(f"#{elem_id} img").first
             image.wait_for(state="visible", timeout=30_000)
-            # Native 64 px files (the image and the sketch the ControlNet read), enlarged with nearest neighbours.
+            # Native 128 px files (the image and the sketch the ControlNet read), enlarged with nearest neighbours.
             natural, shown, rendering = image.evaluate("img => [img.naturalWidth, img.clientWidth, getComputedStyle(img).imageRendering]")
-            assert natural == 64 and shown >= shown_at_least and rendering == "pixelated", elem_id
+            assert natural == 128 and shown >= shown_at_least and rendering == "pixelated", elem_id
         path = screenshot(page, "builtin-sketch.png", tmp_path)
         if from_repository:
             save_for_docs(path, "builtin-sketch.png")

@@ -46,9 +46,9 @@ def warning_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("prompt, caption", [
-    ("red apple", "an emoji of red apple, apple, category food & drink, subcategory food-fruit, google style"),
-    ("  Grinning   FACE ", "an emoji of grinning face, grinning, category smileys & emotion, subcategory face-smiling, google style"),
-    ("pizza", "an emoji of slice of pizza, pizza, category food & drink, subcategory food-prepared, google style"),  # a short name
+    ("red apple", "an emoji of red apple, apple, category food & drink, subcategory food-fruit, noto style"),
+    ("  Grinning   FACE ", "an emoji of grinning face, grinning, category smileys & emotion, subcategory face-smiling, noto style"),
+    ("pizza", "an emoji of slice of pizza, pizza, category food & drink, subcategory food-prepared, noto style"),  # a short name
 ])
 def test_a_known_emoji_name_becomes_its_training_caption(prompt, caption):
     assert MINI.captions()[" ".join(prompt.lower().split())] == caption  # the folder's captions.json
@@ -57,16 +57,16 @@ def test_a_known_emoji_name_becomes_its_training_caption(prompt, caption):
 
 @pytest.mark.parametrize("prompt", ["purple dinosaur", "  A   Cat on a Skateboard "])
 def test_an_unknown_short_prompt_gets_the_shortest_caption_form(prompt):
-    # The shortest caption train/emoji_data.py writes: an emoji with only a name, google style.
-    assert MINI.expand_prompt(prompt) == build_caption({"name": " ".join(prompt.split())}, "google")
-    assert MINI.expand_prompt("purple dinosaur") == "an emoji of purple dinosaur, google style"
+    # The shortest caption train/emoji_data.py writes: an emoji with only a name, noto style.
+    assert MINI.expand_prompt(prompt) == build_caption({"name": " ".join(prompt.split())}, "noto")
+    assert MINI.expand_prompt("purple dinosaur") == "an emoji of purple dinosaur, noto style"
 
 
 def test_without_a_caption_table_every_short_prompt_gets_the_template(tmp_path):
     import dataclasses
 
     bare = dataclasses.replace(MINI, folder=tmp_path)  # no captions.json there
-    assert bare.captions() == {} and bare.expand_prompt("red apple") == "an emoji of red apple, google style"
+    assert bare.captions() == {} and bare.expand_prompt("red apple") == "an emoji of red apple, noto style"
 
 
 @pytest.mark.parametrize("prompt", ["an emoji of red apple, apple, category food & drink, twitter style", "An Emoji of a cat", ""])
@@ -75,7 +75,7 @@ def test_a_caption_and_an_empty_prompt_are_kept(prompt):
 
 
 def test_the_template_applies_to_the_built_in_model_only(mini_engine, tiny_engine):
-    assert prompt_for(mini_engine, "purple dinosaur") == "an emoji of purple dinosaur, google style"
+    assert prompt_for(mini_engine, "purple dinosaur") == "an emoji of purple dinosaur, noto style"
     assert prompt_for(mini_engine, "red apple") == MINI.captions()["red apple"]
     assert prompt_for(tiny_engine, "red apple") == "red apple"
     assert builtin_model("IDKiro/sdxs-512-dreamshaper") is None
@@ -84,9 +84,9 @@ def test_the_template_applies_to_the_built_in_model_only(mini_engine, tiny_engin
 def test_mini_names_the_repository_folder_in_the_released_layout(mini_engine):
     assert BUILTIN_MODEL == "mini" and MINI.folder == ROOT / "models" / "mini-sdxs"
     assert resolve_model_dir("mini") == MINI.folder
-    # What the registry states is what the folder's configs give: 64 px from 16x16x4 latents, f=4.
-    assert mini_engine.name == "mini" and mini_engine.native_size == MINI.native_size == 64
-    assert mini_engine.vae_scale_factor == 4 and mini_engine.components.unet.config.sample_size == 16
+    # What the registry states is what the folder's configs give: 128 px from 16x16x4 latents, f=8.
+    assert mini_engine.name == "mini" and mini_engine.native_size == MINI.native_size == 128
+    assert mini_engine.vae_scale_factor == 8 and mini_engine.components.unet.config.sample_size == 16
     assert mini_engine.components.unet.config.in_channels == 4
     unet = json.loads((MINI.folder / "unet" / "config.json").read_text())
     assert unet["mid_block_type"] is None  # the SDXS U-Net: no mid block
@@ -108,7 +108,7 @@ def test_a_missing_built_in_folder_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_the_handler_reads_the_expanded_prompt_and_returns_native_images(mini_engine):
     images, seed, status = app.make_generate(mini_engine)("grinning face", 3, False, 2, "tiny")
-    assert seed == 3 and [image.size for image in images] == [(64, 64)] * 2  # native: the download is the file as made
+    assert seed == 3 and [image.size for image in images] == [(128, 128)] * 2  # native: the download is the file as made
     caption = MINI.captions()["grinning face"]
     expected = mini_engine.text_to_image(caption, seed=3, num_images=2, decoder="tiny").images
     assert [image.tobytes() for image in images] == [image.tobytes() for image in expected]
@@ -161,7 +161,7 @@ def test_only_a_missing_model_argument_counts_as_a_fallback(mini_engine):
 def test_generate_without_model_falls_back_with_one_warning(tmp_path):
     proc = run(["-m", "sdxs", "generate", "--prompt", "red apple", "--out", "apple.png", "--backend", "torch"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(tmp_path / "apple.png").size == (64, 64)
+    assert Image.open(tmp_path / "apple.png").size == (128, 128)
     [warning] = warning_lines(proc.stderr)
     assert DEFAULT_MODEL in warning and "could not be loaded" in warning and "HF_HUB_OFFLINE is set" in warning  # what happened
     assert MINI.title in warning and f"hf download {DEFAULT_MODEL}" in warning and "HF_HOME" in warning  # what runs, how to get the full one
@@ -183,7 +183,7 @@ def test_an_explicit_model_that_fails_never_falls_back(tmp_path, capsys):
 def test_generate_with_model_mini_uses_it_without_trying_the_hub(tmp_path):
     proc = run(["-m", "sdxs", "generate", "--model", "mini", "--prompt", "grinning face", "--out", "face.png", "--backend", "torch"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(tmp_path / "face.png").size == (64, 64)
+    assert Image.open(tmp_path / "face.png").size == (128, 128)
     assert DEFAULT_MODEL not in proc.stderr and warning_lines(proc.stderr) == []
 
 
@@ -204,7 +204,7 @@ def _free_port() -> int:
 
 
 def test_the_app_without_model_serves_the_built_in_model_with_a_notice(tmp_path):
-    """`python app.py` offline: one warning in the log, the notice in the page, 64 px images from its API."""
+    """`python app.py` offline: one warning in the log, the notice in the page, 128 px images from its API."""
     from gradio_client import Client
 
     port, log_path = _free_port(), tmp_path / "app.log"
@@ -225,7 +225,7 @@ def test_the_app_without_model_serves_the_built_in_model_with_a_notice(tmp_path)
         [notice] = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "fallback-notice"]
         assert notice == fallback_notice()
         images, _, status = Client(url, verbose=False).predict("grinning face", 5, False, 1, "tiny", MINI.title, api_name="/generate")
-        assert Image.open(images[0]["image"]).size == (64, 64)
+        assert Image.open(images[0]["image"]).size == (128, 128)
         assert MINI.captions()["grinning face"] in status and f"seed 5 · {MINI.title}" in status
     finally:
         proc.terminate()

@@ -163,7 +163,7 @@ MINI = BUILTIN[BUILTIN_MODEL]
 
 def write_mini_sketch_controlnet(folder) -> None:
     """`folder`/controlnet/: the student ControlNet of the built-in model (issue 15's mini architecture: the
-    mini U-Net's encoder, 64x64 sketches through a conditioning embedding that halves twice), random weights
+    mini U-Net's encoder, 128x128 sketches through a conditioning embedding that halves three times), random weights
     with its zero convolutions perturbed so the sketch acts (as make-tiny's)."""
     from diffusers import ControlNetModel
 
@@ -173,7 +173,7 @@ def write_mini_sketch_controlnet(folder) -> None:
     shared = {k: v for k, v in unet.items() if k in inspect.signature(ControlNetModel.__init__).parameters}
     controlnet = ControlNetModel(**dict(
         shared, in_channels=4, block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        layers_per_block=1, attention_head_dim=4, cross_attention_dim=128, conditioning_embedding_out_channels=(16, 32, 64),
+        layers_per_block=1, attention_head_dim=4, cross_attention_dim=128, conditioning_embedding_out_channels=(16, 32, 64, 64),
         mid_block_type="UNetMidBlock2DCrossAttn",
     ))
     _randomise_zero_convs(controlnet)
@@ -262,11 +262,11 @@ def test_without_model_offline_serves_the_built_in_sketch_model_with_a_notice(bu
     assert notice == fallback_notice(SKETCH_MODEL)
     assert f"the full model {SKETCH_MODEL} could not be loaded" in notice  # the sketch model, and its base, to fetch
     assert f"`hf download {SKETCH_MODEL}` and its base `hf download IDKiro/sdxs-512-dreamshaper`" in notice
-    assert launched["css"] == demo_sketch.PIXELATED_IMAGES_CSS  # 64 px images fill their boxes, pixelated
+    assert launched["css"] == demo_sketch.PIXELATED_IMAGES_CSS  # 128 px images fill their boxes, pixelated
     assert component(demo, "prompt").value == "grinning face"
-    # What a stroke on that page makes: a 64 px emoji from a 64 px sketch, read through the caption form.
+    # What a stroke on that page makes: a 128 px emoji from a 128 px sketch, read through the caption form.
     image, seen, status = served_generate(demo)(canvas_value(), "grinning face", "{prompt}", 0.8, 2)
-    assert image.size == seen.size == (64, 64) and f"`{MINI.captions()['grinning face']}`" in status
+    assert image.size == seen.size == (128, 128) and f"`{MINI.captions()['grinning face']}`" in status
 
 
 def test_model_mini_is_served_without_a_notice(builtin_dirs, launched, monkeypatch):
@@ -289,12 +289,12 @@ def test_a_built_in_model_without_controlnet_says_what_to_do(builtin_dirs, hub_u
 
 def test_the_built_in_sketch_model_reads_64_px_sketches_and_captions(builtin_sketch_engine):
     engine = builtin_sketch_engine
-    assert sketch_size(engine) == 64 and engine.native_size == 64
+    assert sketch_size(engine) == 128 and engine.native_size == 128
     caption = MINI.captions()["grinning face"]
     image, seen, status = demo_sketch.make_generate(engine)(canvas_value(), "grinning face", "{prompt}", 0.8, 3)
-    assert seen.tobytes() == prepare_sketch(canvas_value(), 64).tobytes()  # the drawn circle, at the ControlNet's size
+    assert seen.tobytes() == prepare_sketch(canvas_value(), 128).tobytes()  # the drawn circle, at the ControlNet's size
     expected = engine.sketch_to_image(canvas_value(), caption, seed=3, control_strength=0.8).images[0]
-    assert image.size == (64, 64) and image.tobytes() == expected.tobytes()
+    assert image.size == (128, 128) and image.tobytes() == expected.tobytes()
     assert f"Prompt as the model read it: `{caption}`" in status and f"seed 3 · {MINI.title}" in status
     without_sketch = engine.sketch_to_image(canvas_value(), caption, seed=3, control_strength=0.0).images[0]
     assert image.tobytes() != without_sketch.tobytes()  # the sketch acts

@@ -73,7 +73,7 @@ def test_the_engine_makes_a_64_px_image_from_a_short_prompt(prompt):
 
     engine = SDXSEngine.from_pretrained("mini", device="cpu", backend="torch")
     image = engine.text_to_image(builtin_model("mini").expand_prompt(prompt), seed=0).images[0]
-    assert image.size == (64, 64)
+    assert image.size == (128, 128)
     pixels = list(image.convert("L").getdata())
     assert max(pixels) - min(pixels) > 100  # an image with content, not a flat or blank square
 
@@ -89,7 +89,7 @@ def test_the_sketch_table_is_the_same_in_the_training_record_the_card_and_the_re
 
 def test_the_sketch_controlnet_is_the_student_controlnet_of_its_unet():
     """The shape of the released sketch model, at emoji scale: the U-Net's encoder plus a mid block, its
-    residuals one per skip connection of the U-Net, controls at 64 px (4x the 16x16 latents)."""
+    residuals one per skip connection of the U-Net, controls at 128 px (8x the 16x16 latents)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from train.distill_controlnet import controlnet_residual_names
@@ -100,7 +100,7 @@ def test_the_sketch_controlnet_is_the_student_controlnet_of_its_unet():
         assert json.dumps(controlnet.config[key]) == json.dumps(unet.config[key]), key
     assert controlnet.config.mid_block_type == "UNetMidBlock2DCrossAttn" and unet.config.mid_block_type is None
     assert len(controlnet.controlnet_down_blocks) == len(controlnet_residual_names(unet.config)) == 4
-    assert 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1) == 4
+    assert 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1) == 8
 
 
 def _circle(box) -> "Image.Image":
@@ -126,7 +126,7 @@ def test_a_drawn_circle_gives_an_emoji_that_follows_it():
     circle, ellipse = _circle((96, 96, 416, 416)), _circle((24, 150, 488, 362))
     outputs = {name: engine.sketch_to_image(sketch, prompt, seed=0, control_strength=1.0).images[0]
                for name, sketch in (("circle", circle), ("ellipse", ellipse))}
-    seen = prepare_sketch(circle, 64)
+    seen = prepare_sketch(circle, 128)
     distance = {name: controls.chamfer_distance(seen, controls.sketch(image)) for name, image in outputs.items()}
     f1 = {name: controls.edge_f1(seen, controls.sketch(image)) for name, image in outputs.items()}
     assert distance["circle"] < distance["ellipse"] and f1["circle"] > f1["ellipse"], (distance, f1)
