@@ -129,16 +129,21 @@ def test_a_second_run_skips_finished_stages(smoke_run):
     assert result.stderr.count("skipped") == 8 and "python train/" not in result.stderr  # A, B, C, warm-up, 3 of D, ablation
 
 
+def teacher_v1_geometry(folder: Path) -> Path:
+    """Teacher v1's geometry (64 px, f=4) as its two configs, which are all geometry_flags and data_side read."""
+    for sub, config in (("unet", {"sample_size": 16}), ("vae", {"block_out_channels": [32, 64, 64]})):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_missing_data_says_how_to_build_it_at_the_teachers_side(tmp_path):
     nothing = tmp_path / "nothing"
     with pytest.raises(SystemExit, match=rf"python train/emoji_data.py --out {nothing} --image_size 128$"):  # teacher v2
         reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--data", str(nothing)])
     with pytest.raises(SystemExit, match=rf"python train/emoji_data.py --out {nothing} --image_size 128$"):
         evaluate_stages.main(["--run", str(tmp_path / "out"), "--data", str(nothing)])
-    v1 = tmp_path / "v1"  # teacher v1's geometry (64 px, f=4): the 64 px set, the script's default size
-    for sub, config in (("unet", {"sample_size": 16}), ("vae", {"block_out_channels": [32, 64, 64]})):
-        (v1 / sub).mkdir(parents=True)
-        (v1 / sub / "config.json").write_text(json.dumps(config))
+    v1 = teacher_v1_geometry(tmp_path / "v1")  # the 64 px set, the script's default size
     (v1 / "model_index.json").write_text("{}")
     with pytest.raises(SystemExit, match=rf"python train/emoji_data.py --out {nothing}$"):
         reproduce_mini.main(["--output_dir", str(tmp_path / "out"), "--data", str(nothing), "--teacher", str(v1)])
@@ -380,10 +385,7 @@ def test_geometry_flags_follow_the_teachers_image_side_and_vae_factor(tmp_path):
     assert common.teacher_native_size(f8_128) == 128 and reproduce_mini.geometry_flags(f8_128) == ([], [])
     f8_64 = make_tiny_teacher(tmp_path / "f8-64")  # f=8 at 64 px: every stage at 64 px, stage A's decoder unchanged
     assert reproduce_mini.geometry_flags(f8_64) == (["--resolution", "64"], [])
-    v1 = tmp_path / "v1"  # teacher v1's geometry (64 px, f=4): its two configs are all geometry_flags reads
-    for sub, config in (("unet", {"sample_size": 16}), ("vae", {"block_out_channels": [32, 64, 64]})):
-        (v1 / sub).mkdir(parents=True)
-        (v1 / sub / "config.json").write_text(json.dumps(config))
+    v1 = teacher_v1_geometry(tmp_path / "v1")
     assert common.teacher_native_size(v1) == 64
     assert reproduce_mini.geometry_flags(v1) == (["--resolution", "64"], ["--decoder_blocks", "3,3,1", "--encoder_blocks", "1,3,3"])
     commands = dict(reproduce_mini.stage_commands(tmp_path / "run", tmp_path / "data", v1, smoke=False, ablation=True))

@@ -146,8 +146,8 @@ def stage_inputs(commands: list[tuple[str, list[str]]], out: Path) -> dict[str, 
 
 def run_stages(commands: list[tuple[str, list[str]]], out: Path, jobs: int = 1) -> None:
     """Run every stage: one after the other, or with `jobs` > 1 up to that many at once, each as soon as the
-    stages it reads are final (the mini stages leave a GPU mostly idle: three at once ran the whole mini run
-    in about 12 minutes on one H200). With `jobs` > 1 each stage writes its output to OUTPUT_DIR/<name>.log;
+    stages it reads are final (the mini stages leave a GPU mostly idle: three at once ran stages A-C, with
+    two of stage D's modes beside them, in about 10 minutes on one H200). With `jobs` > 1 each stage writes its output to OUTPUT_DIR/<name>.log;
     a failed stage starts nothing new, lets the running ones finish, then stops the run."""
     if jobs <= 1:
         for name, argv in commands:
