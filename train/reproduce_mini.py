@@ -119,17 +119,22 @@ def stage_commands(out: Path, data: Path, teacher: Path, *, smoke: bool, ablatio
 
 def run_stage(name: str, argv: list[str], out: Path) -> float:
     """Run one stage (skipped when its final/ exists); returns its wall time in seconds (0 when skipped)."""
-    if (out / name / "final" / "model_index.json").is_file():
+    if is_final(out, name):
         print(f"[reproduce_mini] {name}: done before ({out / name / 'final'}), skipped", file=sys.stderr, flush=True)
         return 0.0
     print(f"[reproduce_mini] {name}: python {' '.join(argv)}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     result = subprocess.run([sys.executable, *argv], cwd=ROOT)
     if result.returncode != 0:
-        raise SystemExit(f"[reproduce_mini] {name} stopped with exit code {result.returncode}; its output is above. "
-                         f"Fix the cause and run the same command again: finished stages are skipped and this one resumes "
-                         f"from its last checkpoint in {out / name / 'checkpoints'}.")
+        raise stage_failed(name, result.returncode, "above", out)
     return time.perf_counter() - started
+
+
+def stage_failed(name: str, code: int, output: str, out: Path) -> SystemExit:
+    """The error that stops a run at a failed stage: where its output is and how to resume."""
+    return SystemExit(f"[reproduce_mini] {name} stopped with exit code {code}; its output is {output}. "
+                      f"Fix the cause and run the same command again: finished stages are skipped and this one resumes "
+                      f"from its last checkpoint in {out / name / 'checkpoints'}.")
 
 
 def is_final(out: Path, name: str) -> bool:
@@ -180,9 +185,7 @@ def run_stages(commands: list[tuple[str, list[str]]], out: Path, jobs: int = 1) 
                     print(f"[reproduce_mini] {name}: {(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr, flush=True)
         if failed and not running:
             name, code = failed[0]
-            raise SystemExit(f"[reproduce_mini] {name} stopped with exit code {code}; its output is in {out / f'{name}.log'}. "
-                             f"Fix the cause and run the same command again: finished stages are skipped and this one resumes "
-                             f"from its last checkpoint in {out / name / 'checkpoints'}.")
+            raise stage_failed(name, code, f"in {out / f'{name}.log'}", out)
         if pending and not running and not failed:
             waiting = {name: [other for other in inputs[name] if not is_final(out, other)] for name in pending}
             raise SystemExit(f"[reproduce_mini] stages wait for inputs no stage will write: {waiting}")
